@@ -1,0 +1,140 @@
+"""Generate ShapesWorld splits as Hugging Face `datasets` (the same library BLIP3-o loads its
+WebDataset shards with), deterministically for a seed on any machine.
+
+Each sample's random stream is seeded from `(seed, split, index)`, so sample 17 of a split is
+the same whether 100 or 100,000 samples are generated, and generation could be sharded.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .text import captions, questions
+from .world import Scene, render, sample_scene
+
+SPLITS = {"train": 0, "val": 1, "test": 2}
+# Training splits never contain a held-out composition; evaluation splits may.
+ALLOWS_UNSEEN = {"train": False, "val": True, "test": True}
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def make_sample(seed: int, split: str, index: int) -> dict:
+    """One sample as a plain dict (image as PNG bytes), fully determined by its arguments."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+    rng = np.random.default_rng([seed, SPLITS[split], index])
+    allow = ALLOWS_UNSEEN[split]
+    scene = sample_scene(rng, allow_unseen=allow)
+    qa = questions(scene, rng, allow_unseen=allow)
+    return {
+        "id": f"{split}-{index:06d}",
+        "image": {"bytes": png_bytes(render(scene)), "path": None},
+        "captions": captions(scene),
+        "objects": scene.to_dict()["objects"],
+        "questions": [q["question"] for q in qa],
+        "answers": [q["answer"] for q in qa],
+        "question_types": [q["type"] for q in qa],
+        "unseen": scene.unseen,
+    }
+
+
+def features():
+    import datasets
+
+    obj = {"shape": datasets.Value("string"), "color": datasets.Value("string"),
+           "bbox": datasets.Sequence(datasets.Value("int32"), length=4)}
+    return datasets.Features({
+        "id": datasets.Value("string"),
+        "image": datasets.Image(),
+        "captions": datasets.Sequence(datasets.Value("string")),
+        "objects": [obj],
+        "questions": datasets.Sequence(datasets.Value("string")),
+        "answers": datasets.Sequence(datasets.Value("string")),
+        "question_types": datasets.Sequence(datasets.Value("string")),
+        "unseen": datasets.Value("bool"),
+    })
+
+
+def generate_split(seed: int, split: str, num_samples: int):
+    """A `datasets.Dataset` of `num_samples` ShapesWorld samples."""
+    import datasets
+
+    rows = [make_sample(seed, split, i) for i in range(num_samples)]
+    columns = {k: [r[k] for r in rows] for k in features()}
+    return datasets.Dataset.from_dict(columns, features=features())
+
+
+def scene_of(row: dict) -> Scene:
+    """The scene graph of a dataset row."""
+    return Scene.from_dict({"objects": row["objects"]})
+
+
+@dataclass
+class Summary:
+    num_samples: dict[str, int]
+    unseen_fraction: dict[str, float]
+    mean_objects: dict[str, float]
+    questions_per_type: dict[str, int]
+
+    def __str__(self) -> str:
+        lines = [f"{'split':<6} {'samples':>8} {'unseen':>7} {'objects/img':>11}"]
+        for s, n in self.num_samples.items():
+            lines.append(f"{s:<6} {n:>8} {self.unseen_fraction[s]:>7.2f} {self.mean_objects[s]:>11.2f}")
+        lines.append("questions: " + ", ".join(f"{k} {v}" for k, v in self.questions_per_type.items()))
+        return "\n".join(lines)
+
+
+def summarize(ds) -> Summary:
+    """Counts per split of a `DatasetDict` (read without decoding images)."""
+    from collections import Counter
+
+    qtypes: Counter = Counter()
+    n, unseen, objs = {}, {}, {}
+    for name, split in ds.items():
+        cols = split.select_columns(["objects", "unseen", "question_types"])
+        n[name] = len(split)
+        unseen[name] = float(np.mean(cols["unseen"])) if len(split) else 0.0
+        objs[name] = float(np.mean([len(o) for o in cols["objects"]])) if len(split) else 0.0
+        for t in cols["question_types"]:
+            qtypes.update(t)
+    return Summary(n, unseen, objs, dict(sorted(qtypes.items())))
+
+
+def generate(out: str | Path, num_train: int, num_val: int, seed: int = 0):
+    """Write `train` and `val` splits to `out` (`datasets.load_from_disk`-able); return them."""
+    import datasets
+
+    if num_train < 0 or num_val < 0:
+        raise ValueError(f"sample counts must be >= 0, got num_train={num_train}, num_val={num_val}")
+    ds = datasets.DatasetDict({
+        "train": generate_split(seed, "train", num_train),
+        "val": generate_split(seed, "val", num_val),
+    })
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    ds.save_to_disk(str(tmp))
+    _replace_dir(tmp, out)
+    return datasets.load_from_disk(str(out))
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Swap a finished directory into place so a crash never leaves a half-written dataset."""
+    import shutil
+
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)

@@ -1,0 +1,132 @@
+"""Captions and question-answer pairs computed exactly from a ShapesWorld scene graph.
+
+Captions follow a small regular grammar (so `parse_caption` can read them back into a scene
+graph for caption accuracy), with paraphrases in the styles a text-to-image model meets:
+plain lists, "a photo of ..." (GenEval's own prompt style), relations, and colour-free forms.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+import re
+
+import numpy as np
+
+from .world import COLORS, HELD_OUT, SHAPES, Obj, Scene, relation
+
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
+QUESTION_TYPES = ("color", "shape", "count", "relation", "existence")
+
+
+def with_article(word: str) -> str:
+    """English indefinite article: with_article("red") -> "a red", with_article("orange") -> "an orange"."""
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def plural(shape: str) -> str:
+    return shape + "s"
+
+
+def noun_phrase(count: int, shape: str, color: str | None = None) -> str:
+    """`noun_phrase(2, "circle", "red")` -> "two red circles"; count 1 -> "a red circle"."""
+    words = " ".join(([color] if color else []) + [shape if count == 1 else plural(shape)])
+    return with_article(words) if count == 1 else f"{NUMBERS[count]} {words}"
+
+
+def join(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def _groups(objs: tuple[Obj, ...], with_color: bool) -> list[str]:
+    """Noun phrases for a scene, grouped by (colour, shape), in left-to-right order."""
+    order = sorted(objs, key=lambda o: o.center[0])
+    keys = [(o.color if with_color else None, o.shape) for o in order]
+    counts = Counter(keys)
+    seen: list = []
+    for k in keys:
+        if k not in seen:
+            seen.append(k)
+    return [noun_phrase(counts[k], k[1], k[0]) for k in seen]
+
+
+def captions(scene: Scene) -> list[str]:
+    """Paraphrases describing the scene; the first is the canonical one."""
+    listed = join(_groups(scene.objects, with_color=True))
+    out = [listed, f"a photo of {listed}"]
+    if len(scene.objects) == 2:
+        a, b = sorted(scene.objects, key=lambda o: o.center[0])
+        rel = relation(a, b)
+        if rel is not None:
+            pa, pb = noun_phrase(1, a.shape, a.color), noun_phrase(1, b.shape, b.color)
+            out += [f"{pa} to the {rel} {pb}" if rel in ("left of", "right of") else f"{pa} {rel} {pb}",
+                    f"a photo of {pa} {rel} {pb}"]
+    out.append(f"a photo of {join(_groups(scene.objects, with_color=False))}")
+    return out
+
+
+_PHRASE = re.compile(
+    r"(a|an|one|two|three|four) (?:(" + "|".join(COLORS) + r") )?(" + "|".join(SHAPES) + r")s?\b"
+)
+
+
+def parse_caption(text: str) -> Counter:
+    """Read a caption back as a multiset of (colour or None, shape) -> count.
+
+    Inverse of `captions` for the object content (relations are not parsed back).
+    """
+    out: Counter = Counter()
+    for article, color, shape in _PHRASE.findall(text.lower()):
+        out[(color or None, shape)] += 1 if article in ("a", "an", "one") else NUMBERS.index(article)
+    return out
+
+
+def scene_counter(scene: Scene, with_color: bool = True) -> Counter:
+    return Counter((o.color if with_color else None, o.shape) for o in scene.objects)
+
+
+def _the(o: Obj) -> str:
+    return f"the {o.color} {o.shape}"
+
+
+def questions(scene: Scene, rng: np.random.Generator, allow_unseen: bool = False) -> list[dict]:
+    """Question-answer pairs of five types with one-word answers, exact from the scene graph.
+
+    Each item: {"question", "answer", "type"}. Questions never name a held-out composition
+    unless `allow_unseen` (so training text never mentions one).
+    """
+    objs = scene.objects
+    qa: list[dict] = []
+    add = lambda q, a, t: qa.append({"question": q, "answer": a, "type": t})  # noqa: E731
+
+    add("how many objects are there?", NUMBERS[len(objs)], "count")
+    shape_counts = Counter(o.shape for o in objs)
+    color_counts = Counter(o.color for o in objs)
+    asked_shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    add(f"how many {plural(asked_shape)} are there?", NUMBERS[shape_counts[asked_shape]], "count")
+
+    for o in objs:
+        if shape_counts[o.shape] == 1:
+            add(f"what color is the {o.shape}?", o.color, "color")
+        if color_counts[o.color] == 1:
+            add(f"what shape is the {o.color} object?", o.shape, "shape")
+
+    present = {(o.color, o.shape) for o in objs}
+    askable = [(c, s) for c in COLORS for s in SHAPES if allow_unseen or (c, s) not in HELD_OUT]
+    yes = sorted(present & set(askable))
+    no = sorted(set(askable) - present)
+    if yes:
+        c, s = yes[int(rng.integers(len(yes)))]
+        add(f"is there {with_article(c)} {s}?", "yes", "existence")
+    c, s = no[int(rng.integers(len(no)))]
+    add(f"is there {with_article(c)} {s}?", "no", "existence")
+
+    unique = [o for o in objs if (o.color, o.shape) in present and sum(
+        (p.color, p.shape) == (o.color, o.shape) for p in objs) == 1]
+    pairs = [(a, b) for a in unique for b in unique if a is not b and relation(a, b)]
+    if pairs:
+        a, b = pairs[int(rng.integers(len(pairs)))]
+        rel = relation(a, b)
+        wrong = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[rel]
+        asked, answer = (rel, "yes") if rng.random() < 0.5 else (wrong, "no")
+        add(f"is {_the(a)} {asked} {_the(b)}?", answer, "relation")
+    return qa

@@ -88,3 +88,12 @@ def stage_complete(stage_dir: str | Path, key: str) -> bool:
 def mark_complete(stage_dir: str | Path, key: str, **info: Any) -> None:
     """Written last, after every other artifact of the stage: its presence means 'finished'."""
     atomic_write_json(Path(stage_dir) / STAGE_FILE, {"key": key, "complete": True, **info})
+
+
+def default_run_dir(config_run_dir: str = "runs/toy") -> Path:
+    """The run directory notebooks and tests use: `$BLIP3O_MINI_RUN_DIR`, else the config's
+    `run_dir` under the repository root (so a notebook finds the artifacts of `blip3o-mini run`)."""
+    env = os.environ.get("BLIP3O_MINI_RUN_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / config_run_dir

@@ -53,6 +53,18 @@ STAGES: list[tuple[str, Callable[[dict, Path, dict], StageResult]]] = [
 ]
 
 
+def ensure_stage(name: str, cfg: dict, run_dir: str | Path) -> dict[str, StageResult]:
+    """Run (or load from cache) every stage up to and including `name`; notebooks start here."""
+    names = [n for n, _ in STAGES]
+    if name not in names:
+        raise ValueError(f"unknown stage {name!r}; stages are {names}")
+    run_dir = Path(run_dir)
+    results: dict[str, StageResult] = {}
+    for n, stage in STAGES[: names.index(name) + 1]:
+        results[n] = stage(cfg, run_dir, results)
+    return results
+
+
 def run_pipeline(cfg: dict, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,178 @@
+"""Flow matching: the time convention (pinned against diffusers), the path, the Euler sampler on
+velocity fields with known solutions, condition dropout and classifier-free guidance."""
+
+import math
+
+import pytest
+import torch
+
+from blip3o_mini.flow import (FlowMatching, cfg_combine, drop_condition, euler_sample, expand_t,
+                              guided_velocity, interpolate, sample_t, sigma_to_t, t_to_sigma,
+                              time_grid, velocity_target, velocity_to_diffusers)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=gen(seed))
+
+
+# ---------------------------------------------------------------- path and time convention
+def test_path_endpoints_and_velocity():
+    x_0, x_1 = rand(3, 64, 8, seed=0), rand(3, 64, 8, seed=1)
+    assert torch.equal(interpolate(x_0, x_1, torch.zeros(3)), x_0)  # t = 0 is noise
+    assert torch.equal(interpolate(x_0, x_1, torch.ones(3)), x_1)  # t = 1 is data
+    t = torch.tensor([0.1, 0.5, 0.9])
+    x_t = interpolate(x_0, x_1, t)
+    assert torch.allclose(x_t[1], 0.5 * (x_0[1] + x_1[1]))
+    # the velocity is the time derivative of the path (finite difference, per sample t)
+    h = 1e-3
+    fd = (interpolate(x_0, x_1, t + h) - interpolate(x_0, x_1, t - h)) / (2 * h)
+    assert torch.allclose(fd, velocity_target(x_0, x_1), atol=1e-3)
+    assert expand_t(t, x_t).shape == (3, 1, 1)
+
+
+def test_time_convention_matches_diffusers_sigma():
+    """Our x_t at t equals diffusers' FlowMatchEulerDiscreteScheduler.scale_noise at sigma = 1 - t."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    data, noise = rand(4, 64, 8, seed=2), rand(4, 64, 8, seed=3)
+    idx = torch.tensor([0, 250, 600, 999])
+    timesteps, sigmas = sched.timesteps[idx], sched.sigmas[idx]
+    theirs = sched.scale_noise(data, timesteps, noise)
+    ours = interpolate(noise, data, sigma_to_t(sigmas))
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert sigmas[0] == 1.0  # diffusers starts from noise at sigma 1 = our t 0
+    assert t_to_sigma(0.25) == 0.75 and sigma_to_t(t_to_sigma(0.3)) == pytest.approx(0.3)
+
+
+def test_euler_matches_diffusers_scheduler():
+    """The same sampler as diffusers' Euler flow scheduler, once velocity and time are mapped."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    num_steps = 7
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    sched.set_timesteps(sigmas=t_to_sigma(time_grid(num_steps))[:-1].tolist())
+    field = lambda x, t: torch.sin(3 * x) + expand_t(t, x) ** 2  # noqa: E731  (nonlinear in x and t)
+    x_0 = rand(2, 16, 4, seed=4)
+    x = x_0.clone()
+    for timestep in sched.timesteps:
+        t = sigma_to_t(timestep / 1000).expand(x.shape[0])
+        x = sched.step(velocity_to_diffusers(field(x, t)), timestep, x).prev_sample
+    ours = euler_sample(field, x_0, num_steps).x_1
+    assert torch.allclose(ours, x, atol=1e-5)
+
+
+def test_sample_t_range_and_methods():
+    for method in ("uniform", "logit_normal"):
+        t = sample_t(10_000, method=method, generator=gen())
+        assert t.shape == (10_000,) and 0 <= t.min() and t.max() < 1
+    assert abs(sample_t(10_000, generator=gen()).mean() - 0.5) < 0.02
+    with pytest.raises(ValueError, match="time sampling"):
+        sample_t(4, method="cosine")
+
+
+# ---------------------------------------------------------------- sampler accuracy
+def test_euler_exact_on_straight_paths():
+    """Data = one point mu: the true marginal field is (mu - x) / (1 - t); every trajectory is a
+    straight line, so even 3 Euler steps land exactly on mu."""
+    mu = rand(1, 64, 8, seed=5)
+    field = lambda x, t: (mu - x) / (1 - expand_t(t, x))  # noqa: E731
+    res = euler_sample(field, rand(5, 64, 8, seed=6), num_steps=3, return_trajectory=True)
+    assert torch.allclose(res.x_1, mu.expand(5, -1, -1), atol=1e-5)
+    assert res.trajectory.shape == (4, 5, 64, 8) and torch.equal(res.t, time_grid(3))
+    # the trajectory lies on the straight line x_t = t mu + (1 - t) x_0
+    x_0 = res.trajectory[0]
+    for k, t in enumerate(res.t):
+        assert torch.allclose(res.trajectory[k], t * mu + (1 - t) * x_0, atol=1e-5)
+
+
+def test_euler_constant_field_exact_and_linear_field_first_order():
+    x_0 = rand(4, 10, seed=7)
+    c = rand(1, 10, seed=8)
+    assert torch.allclose(euler_sample(lambda x, t: c.expand_as(x), x_0, 1).x_1, x_0 + c, atol=1e-6)
+    # dx/dt = a x  ->  x(1) = x_0 e^a; Euler gives (1 + a/K)^K, error O(1/K)
+    a = -1.5
+    errors = []
+    for k in (10, 20, 40):
+        x_1 = euler_sample(lambda x, t: a * x, x_0, k).x_1
+        assert torch.allclose(x_1, x_0 * (1 + a / k) ** k, rtol=1e-4)
+        errors.append((x_1 - x_0 * math.exp(a)).abs().max().item())
+    assert errors[0] / errors[1] == pytest.approx(2, rel=0.15)  # halving dt halves the error
+    assert errors[1] / errors[2] == pytest.approx(2, rel=0.15)
+
+
+# ---------------------------------------------------------------- classifier-free guidance
+def test_condition_dropout_rate_and_zeros():
+    cond = torch.ones(20_000, 2, 3)
+    dropped_cond, dropped = drop_condition(cond, 0.1, gen(0))
+    assert abs(dropped.float().mean().item() - 0.1) < 0.01  # ~10%, 4.7 sigma band
+    assert torch.all(dropped_cond[dropped] == 0) and torch.all(dropped_cond[~dropped] == 1)
+    # seeded: same generator, same rows
+    assert torch.equal(drop_condition(cond, 0.1, gen(0))[1], dropped)
+    assert not drop_condition(cond, 0.0, gen(1))[1].any()
+    with pytest.raises(ValueError, match="probability"):
+        drop_condition(cond, 1.5)
+
+
+def test_cfg_combination_formula():
+    v_c, v_u = rand(2, 4, seed=9), rand(2, 4, seed=10)
+    assert torch.allclose(cfg_combine(v_c, v_u, 1.0), v_c)
+    assert torch.allclose(cfg_combine(v_c, v_u, 0.0), v_u)
+    assert torch.allclose(cfg_combine(v_c, v_u, 3.0), 3 * v_c - 2 * v_u)
+
+
+def test_guided_velocity_uses_zeros_as_null_condition():
+    calls = []
+
+    def model(x_t, t, cond, cond_mask):  # velocity = mean of the condition, broadcast
+        calls.append(cond.shape[0])
+        return x_t * 0 + cond.mean(dim=(1, 2))[:, None, None] + 1.0
+
+    cond = torch.full((3, 5, 2), 2.0)
+    x = rand(3, 4, 6, seed=11)
+    v = guided_velocity(model, 3.0)(x, torch.zeros(3), cond, None)
+    # v_cond = 3, v_uncond (zeros condition) = 1 -> 1 + 3 * (3 - 1) = 7
+    assert torch.allclose(v, torch.full_like(x, 7.0)) and calls == [6]  # one batch of 2B
+    assert guided_velocity(model, 1.0) is model
+
+
+# ---------------------------------------------------------------- the recipe
+def test_flow_matching_loss_is_mse_to_velocity():
+    fm = FlowMatching(cond_drop_prob=0.0)
+    x_1, cond = rand(4, 64, 8, seed=12), rand(4, 3, 5, seed=13)
+    x_0, t = rand(4, 64, 8, seed=14), torch.rand(4, generator=gen(15))
+
+    def model(x_t, t, cond, cond_mask):
+        return 0.5 * x_t
+
+    out = fm.loss(model, x_1, cond, x_0=x_0, t=t)
+    expected = ((0.5 * interpolate(x_0, x_1, t) - (x_1 - x_0)) ** 2).mean()
+    assert torch.allclose(out.loss, expected)
+    assert out.v_pred.shape == out.v_target.shape == x_1.shape and not out.dropped.any()
+    # a perfect velocity model has zero loss
+    perfect = fm.loss(lambda *_: x_1 - x_0, x_1, cond, x_0=x_0, t=t)
+    assert perfect.loss.item() == 0.0
+
+
+def test_flow_matching_passes_null_condition_to_model_and_samples():
+    fm = FlowMatching(cond_drop_prob=0.5, num_steps=4, guidance_scale=2.0)
+    seen = {}
+
+    def model(x_t, t, cond, cond_mask):
+        seen["cond"] = cond
+        return torch.zeros_like(x_t)
+
+    cond = torch.ones(64, 3, 5)
+    out = fm.loss(model, rand(64, 8, 2, seed=16), cond, generator=gen(17))
+    assert 0 < out.dropped.sum() < 64
+    assert torch.all(seen["cond"][out.dropped] == 0) and torch.all(seen["cond"][~out.dropped] == 1)
+
+    res = fm.sample(lambda x, t, c, m: torch.ones_like(x), cond[:2], (8, 2), generator=gen(18))
+    x_0 = torch.randn((2, 8, 2), generator=gen(18))
+    assert torch.allclose(res.x_1, x_0 + 1, atol=1e-6)  # CFG of equal velocities is that velocity
+    with pytest.raises(ValueError, match="time_sampling"):
+        FlowMatching(time_sampling="sigmoid")

@@ -12,6 +12,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def shard_size(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 sample per shard, got {text}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (datasets.load_from_disk-able)")
     p.add_argument("--num-train", type=positive_int, default=10000)
@@ -19,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shards", default=None,
                    help="also export WebDataset .tar shards (jpg + txt + json) to this directory")
-    p.add_argument("--samples-per-shard", type=positive_int, default=1000)
+    p.add_argument("--samples-per-shard", type=shard_size, default=1000)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -158,7 +158,7 @@ class ReadStats:
 
 
 def resolve_shards(shards: str | Path | list[str | Path]) -> list[str]:
-    """Expand paths, globs (`data/*.tar`, `data/train-{*}.tar`) and directories into a sorted,
+    """Expand paths, globs (`shards/train-*.tar`) and directories (their `*.tar`) into a sorted,
     de-duplicated list of shard files; a pattern that matches nothing is an error."""
     patterns = [shards] if isinstance(shards, (str, Path)) else list(shards)
     if not patterns:

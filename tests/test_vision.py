@@ -1,0 +1,162 @@
+"""The CLIP encoder: BLIP3-o's 64-token feature target, input handling, checkpoints, EVA path."""
+
+import json
+
+import pytest
+import torch
+
+from blip3o_mini.clip_models import TINY_EVA_MODEL
+from blip3o_mini.vision import ClipConfig, ClipEncoder, pool_to_grid
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return ClipEncoder(ClipConfig())
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=g)
+
+
+def test_toy_model_is_an_open_clip_config(encoder):
+    import open_clip
+
+    assert "blip3o-mini-tiny-clip" in open_clip.list_models()
+    vision = encoder.model_cfg["vision_cfg"]
+    assert (vision["image_size"], vision["patch_size"], vision["width"]) == (64, 8, 128)
+    assert encoder.feature_dim == 128 and encoder.num_tokens == 64
+
+
+def test_encode_tokens_shape_and_matches_last_block(encoder, images):
+    with torch.no_grad():
+        tokens = encoder.encode_tokens(images)
+        # the same tokens by hand: run every resblock, drop the class token, no final norm
+        x = encoder.model.visual._embeds(encoder.preprocess(images))
+        for block in encoder.model.visual.transformer.resblocks:
+            x = block(x)
+    assert tokens.shape == (3, 64, 128)
+    torch.testing.assert_close(tokens, x[:, 1:], rtol=1e-5, atol=1e-5)
+
+
+def test_float_and_uint8_inputs_agree(encoder, images):
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.encode_tokens(images), encoder.encode_tokens(images.float() / 255))
+
+
+def test_deterministic(encoder, images):
+    with torch.no_grad():
+        assert torch.equal(encoder.encode_tokens(images), encoder.encode_tokens(images))
+    torch.manual_seed(1)
+    a = ClipEncoder()
+    torch.manual_seed(1)
+    b = ClipEncoder()
+    assert a.weights_hash() == b.weights_hash()
+
+
+def test_pooling_arithmetic_on_a_known_grid():
+    grid = torch.arange(16.0).view(1, 1, 4, 4)  # rows 0..3, 4..7, 8..11, 12..15
+    pooled = pool_to_grid(grid, 2)
+    assert pooled.flatten().tolist() == [2.5, 4.5, 10.5, 12.5]  # mean of each 2x2 block
+    assert pool_to_grid(grid, 4) is grid  # a grid already at size is left as is
+    with pytest.raises(ValueError, match="not a multiple of pool_grid"):
+        pool_to_grid(torch.zeros(1, 1, 6, 6), 4)
+
+
+def test_wrong_size_is_resized_and_grey_is_repeated(encoder, images):
+    big = torch.nn.functional.interpolate(images.float(), size=(128, 128), mode="nearest").to(torch.uint8)
+    grey = images[:, :1]
+    with torch.no_grad():
+        assert encoder.encode_tokens(big).shape == (3, 64, 128)
+        torch.testing.assert_close(encoder.encode_tokens(grey), encoder.encode_tokens(grey.expand(-1, 3, -1, -1)))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.zeros(3, 64, 64, dtype=torch.uint8), "must be a batch"),
+    (torch.zeros(2, 64, 64, 3, dtype=torch.uint8), "channels-last"),
+    (torch.zeros(2, 4, 64, 64, dtype=torch.uint8), "RGBA"),
+    (torch.full((2, 3, 64, 64), 255.0), r"\[0, 1\]"),
+    (torch.zeros(2, 3, 64, 64, dtype=torch.int32), "uint8 or float"),
+])
+def test_bad_inputs_raise_clear_errors(encoder, bad, message):
+    with pytest.raises(ValueError, match=message):
+        encoder.encode_tokens(bad)
+
+
+def test_text_tower_offline_tokenizer(encoder):
+    ids = encoder.tokenize(["a red circle to the left of a blue square"])
+    assert ids.shape == (1, 32) and ids[0, 0] == 49406  # open_clip's SimpleTokenizer, offline
+    with torch.no_grad():
+        emb = encoder.encode_text(["a red circle", "two blue squares"])
+    assert emb.shape == (2, 128)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
+
+
+def test_save_load_roundtrip(encoder, images, tmp_path):
+    encoder.set_feature_stats(torch.full((128,), 0.5), torch.full((128,), 2.0))
+    try:
+        encoder.save(tmp_path)
+        assert (tmp_path / "open_clip_model.safetensors").exists()
+        assert json.loads((tmp_path / "open_clip_config.json").read_text())["model_cfg"]["embed_dim"] == 128
+        loaded = ClipEncoder.load(tmp_path)
+        assert loaded.weights_hash() == encoder.weights_hash()
+        with torch.no_grad():
+            assert torch.equal(loaded.encode_tokens(images), encoder.encode_tokens(images))
+        torch.testing.assert_close(loaded.feature_std, torch.full((128,), 2.0))
+    finally:
+        encoder.set_feature_stats(torch.zeros(128), torch.ones(128))
+
+
+def test_normalize_switch(images, tmp_path):
+    torch.manual_seed(0)
+    enc = ClipEncoder(ClipConfig(normalize_features=True))
+    enc.set_feature_stats(torch.full((128,), 1.0), torch.full((128,), 4.0))
+    with torch.no_grad():
+        raw = enc.encode_tokens(images, normalize=False)
+        normed = enc.encode_tokens(images)
+    torch.testing.assert_close(normed, (raw - 1.0) / 4.0)
+    torch.testing.assert_close(enc.denormalize(normed), raw)
+
+
+def test_load_refuses_pickles(encoder, tmp_path):
+    torch.save(encoder.model.state_dict(), tmp_path / "model.bin")
+    with pytest.raises(ValueError, match="refusing pickle"):
+        ClipEncoder.load(tmp_path)
+    with pytest.raises(ValueError, match="refusing pickle"):
+        ClipEncoder.load(tmp_path / "model.bin")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        ClipEncoder.load(tmp_path / "empty")
+
+
+def test_offline_eva_fails_fast_naming_the_weights():
+    cfg = ClipConfig(model_name="EVA02-E-14-plus", pretrained="laion2b_s9b_b144k", image_size=448)
+    with pytest.raises(FileNotFoundError) as err:
+        ClipEncoder(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "timm/eva02_enormous_patch14_plus_clip_224.laion2b_s9b_b144k" in msg
+    assert "huggingface-cli download" in msg
+
+
+def test_eva_family_32x32_grid_pools_4x4(tmp_path):
+    """A random-weight EVA02-E-14-plus look-alike (open_clip's timm tower, tiny width/depth)."""
+    torch.manual_seed(0)
+    enc = ClipEncoder(ClipConfig(model_name=TINY_EVA_MODEL, image_size=448))
+    images = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)  # resized to 448
+    with torch.no_grad():
+        grid = enc.token_grid(images)
+        tokens = enc.encode_tokens(images)
+        # by hand from timm's own trunk: all blocks, prefix (class) token dropped, no final norm
+        x = enc.model.visual.trunk.forward_intermediates(
+            enc.preprocess(images), indices=1, intermediates_only=True, output_fmt="NLC")[-1]
+    assert grid.shape == (1, 64, 32, 32)
+    assert tokens.shape == (1, 64, 64)
+    expected = x.view(1, 32, 32, 64)[0]  # (h, w, D)
+    # token 0 of the 8x8 grid = mean of the top-left 4x4 patch tokens
+    torch.testing.assert_close(tokens[0, 0], expected[:4, :4].mean((0, 1)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tokens[0, 9], expected[4:8, 4:8].mean((0, 1)), rtol=1e-4, atol=1e-5)
+    enc.save(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(ClipEncoder.load(tmp_path).encode_tokens(images), tokens)

@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "run": "run the whole toy pipeline (data -> CLIP -> understanding -> generation -> eval)",
     "data": "generate ShapesWorld splits (and optionally WebDataset shards)",
+    "geneval": "GenEval-mini: write prompts, render reference images, score an image folder",
 }
 
 

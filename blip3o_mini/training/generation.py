@@ -1,0 +1,113 @@
+"""Stage 2 recipe: train the queries and the NextDiT by flow matching on CLIP features, with the
+understanding backbone frozen (BLIP3-o's sequential training).
+
+BLIP3-o's recipe: AdamW, lr 1e-4 with cosine decay to 1e-5 after a short warmup, weight decay
+0, gradient clipping 1.0, bf16. The same module serves the toy run and the full run; only the
+config changes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ..generation import Blip3oGenerator
+
+
+@dataclass
+class GenerationTrainConfig:
+    batch_size: int = 64
+    max_steps: int = 3000
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    precision: str = "32-true"
+    log_every: int = 25
+    num_workers: int = 0
+    seed: int = 0
+
+
+class CaptionFeatureDataset(Dataset):
+    """(a caption paraphrase, its image's CLIP features (N, F)); a random paraphrase per visit."""
+
+    def __init__(self, captions: list[list[str]], features: Tensor, seed: int = 0):
+        if len(captions) != len(features):
+            raise ValueError(f"{len(captions)} caption lists but {len(features)} feature rows; "
+                             "the CLIP feature cache must be aligned with the dataset split")
+        self.captions, self.features, self.seed = captions, features, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> tuple[str, Tensor]:
+        # Deterministic per (seed, epoch, index) so a resumed run sees the same paraphrases.
+        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+        options = self.captions[i]
+        return options[int(torch.randint(len(options), (1,), generator=g))], self.features[i]
+
+
+def collate(batch: list[tuple[str, Tensor]]) -> tuple[list[str], Tensor]:
+    prompts, feats = zip(*batch)
+    return list(prompts), torch.stack(feats)  # (B, N, F)
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class GenerationModule(L.LightningModule):
+    """Trains `generator` (queries + DiT) through a frozen `backbone`.
+
+    The backbone is a registered submodule so Lightning moves it across devices and casts it
+    for precision, but it is frozen, kept in eval mode, and left out of checkpoints (it is the
+    understanding stage's artifact, not this stage's)."""
+
+    def __init__(self, generator: Blip3oGenerator, backbone: torch.nn.Module, cfg: GenerationTrainConfig):
+        super().__init__()
+        self.generator, self.backbone, self.cfg = generator, backbone, cfg
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        self.strict_loading = False  # checkpoints hold the generator only
+        self.losses: list[tuple[int, float]] = []
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # frozen: no dropout, no statistics updates, ever
+        return self
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        prompts, features = batch
+        out = self.generator.loss(self.backbone, prompts, features)
+        self.log("train/loss", out.loss, prog_bar=True)
+        if self.global_step % self.cfg.log_every == 0:
+            self.losses.append((int(self.global_step), float(out.loss.detach())))
+        return out.loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.generator.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                                betas=(0.9, 0.999))
+        lam = lambda s: cosine_with_warmup(s, self.cfg.warmup_steps, self.cfg.max_steps,  # noqa: E731
+                                           self.cfg.min_lr / self.cfg.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith("backbone.")}
+        checkpoint["loss_history"] = self.losses
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.losses = [tuple(x) for x in checkpoint.get("loss_history", [])]

@@ -1,0 +1,1 @@
+"""Training recipes: one LightningModule per stage (the architectures live one level up)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from ..data.world import Scene, render
-from .detector import DetectorConfig, detect
+from .detector import DetectorConfig, detect, gaussian_filter
 from .prompts import make_prompts
 from .reference import reference_scene
 from .score import GenEvalResult, score_images
@@ -22,21 +22,8 @@ CONDITIONS = ("clean", "shuffled", "blurred", "noisy", "blurred_noisy")
 
 
 def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of an (H, W, 3) uint8 image (edge padding) -> (H, W, 3) uint8."""
-    if sigma <= 0:
-        return image.copy()
-    r = int(np.ceil(3 * sigma))
-    x = np.arange(-r, r + 1)
-    k = np.exp(-(x**2) / (2 * sigma**2))
-    k /= k.sum()  # (2r+1,)
-    out = image.astype(np.float64)  # (H, W, 3)
-    for axis in (0, 1):
-        pad = [(0, 0)] * 3
-        pad[axis] = (r, r)
-        padded = np.pad(out, pad, mode="edge")
-        n = out.shape[axis]
-        out = sum(w * np.take(padded, np.arange(i, i + n), axis=axis) for i, w in enumerate(k))
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    """Gaussian blur of an (H, W, 3) uint8 image (edge padding) -> (H, W, 3) uint8."""
+    return np.clip(np.round(gaussian_filter(image, sigma)), 0, 255).astype(np.uint8)
 
 
 def add_noise(image: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:

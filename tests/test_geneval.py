@@ -3,7 +3,6 @@ GenEval's scoring rule, the folder layout, the CLI, and the calibration of the w
 
 import json
 from collections import Counter, deque
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from blip3o_mini.data.world import HELD_OUT, PALETTE, Obj, Scene, relation
 from blip3o_mini.evaluation import (TAGS, Detection, add_noise, calibrate, detect, evaluate,
                                     gaussian_blur, make_prompts, prompt_from_scene, read_prompts,
                                     reference_images, reference_scene, relative_position,
-                                    same_objects, score_folder, score_images, write_geneval_folder)
+                                    same_objects, score_folder, write_geneval_folder)
 from blip3o_mini.evaluation.detector import label_components
 from blip3o_mini.evaluation.prompts import DEFAULT_PROMPTS_FILE
 from blip3o_mini.evaluation.score import summarize

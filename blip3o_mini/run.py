@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from .artifacts import atomic_write_json, fingerprint, mark_complete, stage_complete
 
-DATA_VERSION = 1  # bump when the ShapesWorld generator changes its output
+DATA_VERSION = 2  # bump when the ShapesWorld generator changes its output
 
 
 @dataclass

@@ -94,6 +94,7 @@ def test_relation_captions_hold():
     from blip3o_mini.data import captions
 
     assert "a red circle to the left of a blue square" in captions(scene)
+    assert "a photo of a blue square right of a red circle" in captions(scene)
     near = Scene((Obj("circle", "red", (2, 2, 16, 16)), Obj("square", "blue", (6, 20, 20, 34))))
     assert relation(*near.objects) == "above"  # x centres 4 px apart: below the margin
 

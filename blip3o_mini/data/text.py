@@ -16,6 +16,7 @@ from .world import COLORS, HELD_OUT, SHAPES, Obj, Scene, relation
 
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
 QUESTION_TYPES = ("color", "shape", "count", "relation", "existence")
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 def with_article(word: str) -> str:
@@ -58,8 +59,10 @@ def captions(scene: Scene) -> list[str]:
         rel = relation(a, b)
         if rel is not None:
             pa, pb = noun_phrase(1, a.shape, a.color), noun_phrase(1, b.shape, b.color)
-            out += [f"{pa} to the {rel} {pb}" if rel in ("left of", "right of") else f"{pa} {rel} {pb}",
-                    f"a photo of {pa} {rel} {pb}"]
+            # Both orders, so every relation word ("right of", "below") appears in training text.
+            for (p, q), r in (((pa, pb), rel), ((pb, pa), INVERSE[rel])):
+                out += [f"{p} to the {r} {q}" if r in ("left of", "right of") else f"{p} {r} {q}",
+                        f"a photo of {p} {r} {q}"]
     out.append(f"a photo of {join(_groups(scene.objects, with_color=False))}")
     return out
 
@@ -126,7 +129,7 @@ def questions(scene: Scene, rng: np.random.Generator, allow_unseen: bool = False
     if pairs:
         a, b = pairs[int(rng.integers(len(pairs)))]
         rel = relation(a, b)
-        wrong = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[rel]
+        wrong = INVERSE[rel]
         asked, answer = (rel, "yes") if rng.random() < 0.5 else (wrong, "no")
         add(f"is {_the(a)} {asked} {_the(b)}?", answer, "relation")
     return qa

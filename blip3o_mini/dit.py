@@ -108,11 +108,11 @@ def rope_angles(positions: Tensor, head_dim: int, theta: float = 10000.0) -> Ten
 
 
 def apply_rope(x: Tensor, angles: Tensor) -> Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x (B, H, N, Dh) by angles (N, Dh/2), in float32."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, N, Dh/2) each
-    cos, sin = angles.cos(), angles.sin()  # (N, Dh/2)
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, H, N, Dh/2, 2)
-    return out.flatten(-2).type_as(x)  # (B, H, N, Dh)
+    """Rotate channel pairs (2i, 2i+1) of x (B, H, N, Dh) by angles (N, Dh/2): read each pair
+    as a complex number and multiply it by e^(i * angle), in float32 (as Lumina does)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, N, Dh/2) complex
+    rotated = pairs * torch.polar(torch.ones_like(angles), angles)  # (B, H, N, Dh/2) complex
+    return torch.view_as_real(rotated).flatten(-2).type_as(x)  # (B, H, N, Dh)
 
 
 # ---------------------------------------------------------------------------- embeddings
@@ -151,6 +151,14 @@ class TimeCondEmbedding(nn.Module):
 
 
 # ---------------------------------------------------------------------------- the block
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm that follows the input's dtype, so bf16 autocast keeps the fused kernel
+    (plain nn.RMSNorm falls back to a slow path when input and weight dtypes differ)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -171,13 +179,13 @@ class NextDiTBlock(nn.Module):
         D, H, eps = cfg.dim, cfg.num_heads, cfg.norm_eps
         self.num_heads = H
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.cond_embed_dim, 4 * D))
-        self.attn_norm_in, self.attn_norm_out = nn.RMSNorm(D, eps=eps), nn.RMSNorm(D, eps=eps)
-        self.ffn_norm_in, self.ffn_norm_out = nn.RMSNorm(D, eps=eps), nn.RMSNorm(D, eps=eps)
+        self.attn_norm_in, self.attn_norm_out = RMSNorm(D, eps=eps), RMSNorm(D, eps=eps)
+        self.ffn_norm_in, self.ffn_norm_out = RMSNorm(D, eps=eps), RMSNorm(D, eps=eps)
         # self-attention
         self.qkv = nn.Linear(D, 3 * D, bias=False)
         self.q_norm, self.k_norm = nn.LayerNorm(D, eps=1e-5), nn.LayerNorm(D, eps=1e-5)
         # cross-attention to the projected condition
-        self.cond_norm = nn.RMSNorm(D, eps=eps)
+        self.cond_norm = RMSNorm(D, eps=eps)
         self.cross_q = nn.Linear(D, D, bias=False)
         self.cross_kv = nn.Linear(D, 2 * D, bias=False)
         self.cross_q_norm, self.cross_k_norm = nn.LayerNorm(D, eps=1e-5), nn.LayerNorm(D, eps=1e-5)

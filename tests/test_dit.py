@@ -81,6 +81,16 @@ def test_output_depends_on_condition_and_time_but_not_on_masked_tokens():
     assert torch.isfinite(model(x_t, t, torch.zeros_like(cond))).all()
 
 
+def test_bf16_autocast_close_to_fp32():
+    model = perturbed().eval()
+    x_t, t, cond = inputs()
+    v = model(x_t, t, cond)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v_bf16 = model(x_t, t, cond)
+    assert v_bf16.dtype == torch.bfloat16
+    assert (v_bf16.float() - v).abs().max() < 0.05 * v.abs().max()
+
+
 def test_rope_depends_only_on_relative_2d_position():
     head_dim = 16
     g = gen(1)

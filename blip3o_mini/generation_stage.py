@@ -1,0 +1,127 @@
+"""The "generation" stage (Stage 2): train the 64 queries and the NextDiT on the CLIP features of
+ShapesWorld images through the frozen understanding backbone, then check that understanding is
+untouched (backbone weights hash and VQA accuracy identical before and after).
+
+Writes RUN_DIR/generation/:
+  generator.safetensors  queries + DiT + feature mean/std
+  generator_config.json  GeneratorConfig + widths
+  loss_history.json      (step, loss) pairs
+  metrics.json           training figures, backbone hash before/after, VQA after stage 2
+  stage.json             written last (mark_complete)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .artifacts import (atomic_write_json, fingerprint, load_tensors, mark_complete, save_tensors,
+                        stage_complete)
+from .config import build
+from .generation import Blip3oGenerator, GeneratorConfig
+from .run import StageResult
+from .training.generation import GenerationTrainConfig, train_generation
+
+GENERATION_STAGE_VERSION = 1
+WEIGHTS = "generator.safetensors"
+CONFIG = "generator_config.json"
+
+
+def generation_configs(section: dict | None) -> tuple[GeneratorConfig, GenerationTrainConfig]:
+    section = dict(section or {})
+    train = section.pop("train", None)
+    return build(GeneratorConfig, section), build(GenerationTrainConfig, train)
+
+
+def save_generator(generator: Blip3oGenerator, directory: str | Path) -> None:
+    directory = Path(directory)
+    save_tensors(directory / WEIGHTS, generator.state_dict())
+    atomic_write_json(directory / CONFIG, generator.config_dict())
+
+
+def load_generator(directory: str | Path) -> Blip3oGenerator:
+    """A trained generator (queries + DiT) from a stage or pipeline directory."""
+    directory = Path(directory)
+    if not (directory / CONFIG).exists():
+        raise FileNotFoundError(f"{directory / CONFIG} not found; train the generation stage first "
+                                "(blip3o-mini run) or point to RUN_DIR/generation")
+    info = json.loads((directory / CONFIG).read_text())
+    gen = Blip3oGenerator(GeneratorConfig(**info["generator"]), info["feature_dim"], info["cond_dim"])
+    gen.load_state_dict(load_tensors(directory / WEIGHTS))
+    return gen.eval()
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer, to prove a frozen module did not change."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def generation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
+    import datasets
+
+    from .features import feature_stats, load_split_features
+    from .understanding_stage import evaluate_stage_vqa, load_stage_backbone
+
+    section = cfg.get("generation", {})
+    clip, und, data = upstream["clip"], upstream["understanding"], upstream["data"]
+    key = fingerprint("generation", GENERATION_STAGE_VERSION, cfg.get("seed", 0), section,
+                      clip.key, und.key)
+    out = Path(run_dir) / "generation"
+    if stage_complete(out, key):
+        metrics = json.loads((out / "metrics.json").read_text())
+        print(_summary(metrics))
+        return StageResult("generation", key, out, True, metrics)
+
+    gen_cfg, train_cfg = generation_configs(section)
+    ds = datasets.load_from_disk(str(data.path / "shapesworld"))
+    features = load_split_features(clip.path, "train")  # (N, 64, F)
+    stats = feature_stats(clip.path)
+    backbone = load_stage_backbone(und.path).freeze()
+    hash_before = weights_hash(backbone)
+
+    torch.manual_seed(train_cfg.seed)
+    # The cached features are raw unless the CLIP stage normalised them; either way the
+    # generator's own standardisation uses the statistics of what it is trained on.
+    mean, std = (torch.zeros_like(stats.mean), torch.ones_like(stats.std)) if stats.normalized \
+        else (stats.mean, stats.std)
+    generator = Blip3oGenerator(gen_cfg, features.shape[-1], backbone.hidden_size, mean, std)
+    ckpt_dir = out / f"lightning-{key}"
+    for stale in out.glob("lightning-*"):
+        if stale != ckpt_dir:
+            shutil.rmtree(stale, ignore_errors=True)
+    result = train_generation(generator, backbone, ds["train"]["captions"], features, train_cfg, ckpt_dir)
+
+    hash_after = weights_hash(backbone)
+    t0 = time.perf_counter()
+    vqa_after = evaluate_stage_vqa(backbone, run_dir)
+    metrics = {"train_steps": result.steps, "train_seconds": round(result.seconds, 1),
+               "resumed_from_step": result.resumed_from,
+               "final_loss": result.loss_history[-1][1] if result.loss_history else None,
+               "num_params_trainable": sum(p.numel() for p in generator.parameters()),
+               "backbone_hash_before": hash_before, "backbone_hash_after": hash_after,
+               "backbone_unchanged": hash_before == hash_after,
+               "vqa_accuracy_after": vqa_after, "vqa_seconds": round(time.perf_counter() - t0, 1)}
+    print(_summary(metrics))
+    save_generator(generator, out)
+    atomic_write_json(out / "loss_history.json", result.loss_history)
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "config.json", {"generation": section, "clip_key": clip.key, "understanding_key": und.key})
+    mark_complete(out, key, metrics=metrics)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return StageResult("generation", key, out, False, metrics)
+
+
+def _summary(m: dict) -> str:
+    return (f"generation: {m['train_steps']} steps in {m['train_seconds']:.0f} s, final loss "
+            f"{m['final_loss']:.3f}; backbone unchanged: {m['backbone_unchanged']}; "
+            f"VQA after stage 2: {m['vqa_accuracy_after']:.4f}")

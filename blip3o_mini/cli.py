@@ -15,6 +15,9 @@ COMMANDS = {
     "run": "run the whole toy pipeline (data -> CLIP -> understanding -> generation -> eval)",
     "data": "generate ShapesWorld splits (and optionally WebDataset shards)",
     "geneval": "GenEval-mini: write prompts, render reference images, score an image folder",
+    "describe": "parameter counts per component of a config's model (meta device, no download)",
+    "extract": "write CLIP targets of WebDataset shards once, one .safetensors per shard (per rank)",
+    "answer": "answer a question about an image with a run's understanding backbone",
 }
 
 

@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     full = make_run(args.devices, args.steps, callbacks=[checkpoint])
     trainer = full.fit()
     resumed = make_run(args.devices, args.steps)
-    resumed.fit(ckpt_path=str(ckpt_dir / f"step={args.resume_at}.ckpt"))
+    resumed.fit(ckpt_path=str(ckpt_dir / f"step={args.resume_at}.ckpt"), enable_checkpointing=False)
     if trainer.global_rank == 0:
         save_tensors(out / "full.safetensors", weights(full.module))
         save_tensors(out / "resumed.safetensors", weights(resumed.module))

@@ -9,10 +9,10 @@ The components are the ones BLIP3-o's stage 2 touches (paper section 3, DESIGN.m
     clip       the CLIP vision tower that makes the targets (EVA02-E-14-plus for full runs)
     decoder    the pixel decoder (its own stage; BLIP3-o uses a pretrained one)
 
-A config names its backbone in `understanding:` (`backbone: toy` with `BackboneConfig` fields, or
-`backbone: qwen2_5_vl` with `pretrained:` a known checkpoint name or `transformers_config:` a
-full `Qwen2_5_VLConfig` dict). Qwen2.5-VL configs are written out below from the checkpoints'
-own `config.json` files, so nothing is downloaded.
+A config's `understanding:` section names a pretrained Qwen2.5-VL (`pretrained:`), or gives the
+toy backbone's `BackboneConfig` fields under `backbone:` (the understanding stage's layout).
+Qwen2.5-VL configs are written out below from the checkpoints' own `config.json` files, so
+nothing is downloaded.
 
 What the counts mean for memory per GPU and FLOPs per sample is in `sizing.py`
 (`memory_estimate`, `train_flops_per_sample`), computed from a `ModelDescription`.
@@ -49,19 +49,15 @@ QWEN2_5_VL = {
                          tie_word_embeddings=True),
         vision_config=dict(_VISION, out_hidden_size=2048), tie_word_embeddings=True),
 }
-BACKBONES = ("toy", "qwen2_5_vl")
 
 
-def qwen2_5_vl_config(section: dict):
-    """The `transformers.Qwen2_5_VLConfig` an `understanding:` section names."""
+def qwen2_5_vl_config(name: str):
+    """The `transformers.Qwen2_5_VLConfig` of a known Qwen2.5-VL checkpoint name."""
     from transformers import Qwen2_5_VLConfig
 
-    if section.get("transformers_config"):
-        return Qwen2_5_VLConfig(**section["transformers_config"])
-    name = section.get("pretrained")
     if name not in QWEN2_5_VL:
-        raise ValueError(f"understanding.pretrained {name!r} has no built-in config; use one of "
-                         f"{sorted(QWEN2_5_VL)} or write its config.json under understanding.transformers_config")
+        raise ValueError(f"understanding.pretrained {name!r} has no built-in config to describe; "
+                         f"known: {sorted(QWEN2_5_VL)} (add its config.json numbers to describe.QWEN2_5_VL)")
     return Qwen2_5_VLConfig(**QWEN2_5_VL[name])
 
 
@@ -74,14 +70,16 @@ def split_section(section: dict | None, *extra: str) -> tuple[dict, dict]:
 
 
 def generation_configs(cfg: dict):
-    """`generation:` -> (GeneratorConfig, GenerationTrainConfig, targets: "features" | "images")."""
+    """(GeneratorConfig, GenerationTrainConfig, targets) of a whole config: `generation:` holds
+    the generator's fields and `train:`; `data.targets` says whether stage 2 reads "features"
+    (extracted once, blip3o-mini extract) or "images" (encoded every step)."""
     from .generation import GeneratorConfig
     from .training.generation import GenerationTrainConfig
 
-    fields_, side = split_section(cfg.get("generation"), "targets")
-    targets = side.get("targets", "features")
+    fields_, side = split_section(cfg.get("generation"))
+    targets = (cfg.get("data") or {}).get("targets", "features")
     if targets not in ("features", "images"):
-        raise ValueError(f"generation.targets must be 'features' (extracted once, blip3o-mini extract) "
+        raise ValueError(f"data.targets must be 'features' (extracted once, blip3o-mini extract) "
                          f"or 'images' (encoded every step), got {targets!r}")
     return build(GeneratorConfig, fields_), build(GenerationTrainConfig, side.get("train")), targets
 
@@ -126,24 +124,21 @@ def build_clip_tower(cfg: dict, device: str = "meta") -> tuple[torch.nn.Module, 
 
 def build_backbone(cfg: dict, vision_dim: int, device: str = "meta"):
     """(backbone module, its LM decoder layers, hidden size, note) with random weights."""
-    fields_, side = split_section(cfg.get("understanding"), "backbone", "pretrained", "transformers_config")
-    kind = side.get("backbone", "toy")
-    if kind not in BACKBONES:
-        raise ValueError(f"understanding.backbone must be one of {BACKBONES}, got {kind!r}")
-    if kind == "qwen2_5_vl":
+    section = cfg.get("understanding") or {}
+    if section.get("pretrained"):
         from transformers import Qwen2_5_VLForConditionalGeneration
 
-        qcfg = qwen2_5_vl_config(side)
+        qcfg = qwen2_5_vl_config(section["pretrained"])
         with torch.device(device):
             model = Qwen2_5_VLForConditionalGeneration(qcfg)
-        note = side.get("pretrained") or "transformers_config"
-        return model, model.model.language_model.layers, qcfg.text_config.hidden_size, note
+        return model, model.model.language_model.layers, qcfg.text_config.hidden_size, section["pretrained"]
     from .backbone import BackboneConfig, ToyBackbone
     from .data import generate_split
     from .tokenizer import build_tokenizer, shapesworld_texts
 
-    bcfg = build(BackboneConfig, {"vision_dim": vision_dim, **fields_})
-    tokenizer = build_tokenizer(shapesworld_texts(generate_split(0, "train", 300)))
+    bcfg = build(BackboneConfig, {"vision_dim": vision_dim, **(section.get("backbone") or {})})
+    rows = generate_split(0, "train", 300)  # ShapesWorld's ~400-word vocabulary is complete by then
+    tokenizer = build_tokenizer(shapesworld_texts(rows), vocab_size=section.get("vocab_size", 1024))
     with torch.device(device):
         model = ToyBackbone(bcfg, tokenizer)
     return model, model.lm.model.layers, bcfg.hidden_size, "understanding stage"
@@ -156,7 +151,7 @@ def build_components(cfg: dict, device: str = "meta") -> Components:
     clip, feature_dim = build_clip_tower(cfg, device)
     backbone, layers, hidden, backbone_note = build_backbone(cfg, feature_dim, device)
     gen_cfg, _, targets = generation_configs(cfg)
-    dec_cfg = build(DecoderConfig, {"feature_dim": feature_dim, **split_section(cfg.get("decoder"))[0]})
+    dec_cfg = build(DecoderConfig, {"feature_dim": feature_dim, **split_section(cfg.get("decoder"), "eval")[0]})
     with torch.device(device):
         generator = Blip3oGenerator(gen_cfg, feature_dim=feature_dim, cond_dim=hidden)
         decoder = PixelDecoder(dec_cfg)

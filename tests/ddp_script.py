@@ -127,6 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--resume-at", type=int, default=3)
     args = p.parse_args(argv)
+    torch.set_num_threads(1)  # one thread per process: N processes share a small CPU
     out = Path(args.out)
     ckpt_dir = out / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=args.resume_at,

@@ -20,6 +20,16 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "data" / "fixtures" / "shapesworld-sample-000000.tar"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared CPU: a second thread only adds contention (10x slower steps
+    measured under load), so this file runs single-threaded (as tests/test_dit.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def ddp_job(tmp_path_factory):
     """The 2-process DDP run starts first and runs while the other tests do (a subprocess:
@@ -261,7 +271,7 @@ def test_fast_dev_run_configs_trained_here(name):
 def tiny_full(name: str, targets: str) -> dict:
     """A full config with tiny components of the same classes, on one CPU process."""
     cfg = copy.deepcopy(load_config(name))
-    cfg["generation"]["targets"] = targets
+    cfg["data"]["targets"] = targets
     cfg["generation"]["dit"] |= {"dim": 64, "depth": 2, "num_heads": 2, "multiple_of": 16}
     cfg["generation"]["train"] |= {"batch_size": 2}
     cfg["trainer"] |= {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto",

@@ -129,8 +129,11 @@ class ToyBackbone(Backbone):
             raise ValueError("this ToyBackbone has no CLIP encoder; build it with encoder=... (or "
                              "load_understanding(run_dir)) to answer from raw images")
         batch = as_image_batch(images, self.image_size)  # (B, 3, S, S) uint8
+        # VQA asks several questions per image: encode each distinct image once
+        unique, inverse = torch.unique(batch.flatten(1), dim=0, return_inverse=True)  # (U, 3*S*S)
         with torch.no_grad():
-            return self.encoder.encode_tokens(batch.to(self.device))  # (B, N, D)
+            tokens = self.encoder.encode_tokens(unique.view(-1, *batch.shape[1:]).to(self.device))  # (U, N, D)
+        return tokens[inverse.to(self.device)]  # (B, N, D)
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the projected CLIP tokens spliced into the image placeholders."""

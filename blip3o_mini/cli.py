@@ -17,6 +17,7 @@ COMMANDS = {
     "geneval": "GenEval-mini: write prompts, render reference images, score an image folder",
     "describe": "parameter counts per component of a config's model (meta device, no download)",
     "extract": "write CLIP targets of WebDataset shards once, one .safetensors per shard (per rank)",
+    "answer": "answer a question about an image with a run's understanding backbone",
 }
 
 

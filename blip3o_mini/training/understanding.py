@@ -1,0 +1,179 @@
+"""Stage 1b recipe: teach the toy backbone to understand ShapesWorld images, LLaVA-style.
+
+BLIP3-o starts from Qwen2.5-VL, whose understanding was trained this way (LLaVA: frozen CLIP
+encoder, a projector and the LM trained on image-conversation data, loss on the answers only).
+The toy world has no such model, so this stage trains one: every training image contributes
+its caption ("describe the image." -> canonical caption) and its question-answer pairs. The
+CLIP encoder stays frozen and is never run here: the stage reads the features cached by stage
+1a. Rows are packed per image with a shared image prefix (`packing.py`).
+
+The architecture is `blip3o_mini.backbone.ToyBackbone`; this file is the recipe (data, loss,
+optimiser, Lightning loop resumable from `last.ckpt`).
+
+Shape glossary: B batch, T row length, N image tokens (64), D CLIP width, H LM width, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ..backbone import ToyBackbone
+from ..tokenizer import CAPTION_PROMPT
+from .packing import IGNORE, Packer, PackedRow, collate_rows, packed_attention_mask
+
+
+@dataclass
+class UnderstandingTrainConfig:
+    batch_size: int = 32
+    max_steps: int = 700
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    precision: str = "bf16-mixed"  # bf16 autocast (fast on AVX512-bf16 CPUs); "32-true" for fp32
+    accelerator: str = "auto"
+    devices: int | str = 1  # multi-device is configuration only (DDP / FSDP via `strategy`)
+    strategy: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 50
+
+
+@dataclass
+class TrainResult:
+    loss_history: list[tuple[int, float]]  # (step, loss) every log_every steps
+    steps: int
+    seconds: float  # wall-clock of this call (a resumed run counts only its own part)
+    resumed_from: int | None = None  # step of the checkpoint it resumed from
+    extra: dict = field(default_factory=dict)
+
+
+def conversation(row: dict, caption_prompt: str = CAPTION_PROMPT) -> list[tuple[str, str]]:
+    """An image's training turns: captioning as a question, then its question-answer pairs."""
+    return [(caption_prompt, row["captions"][0]), *zip(row["questions"], row["answers"])]
+
+
+class PackedConversations(Dataset):
+    """(CLIP features (N, D), packed row of all the image's turns), tokenised once."""
+
+    def __init__(self, features: torch.Tensor, rows: list[dict], packer: Packer):
+        if len(features) != len(rows):
+            raise ValueError(f"{len(features)} feature rows but {len(rows)} dataset rows; the CLIP "
+                             "features must be aligned with the dataset split (load_split_features)")
+        self.features = features
+        self.rows = packer.pack_many([conversation(r) for r in rows])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, PackedRow]:
+        return self.features[i], self.rows[i]
+
+    def num_tokens(self) -> int:
+        return sum(len(r.input_ids) for r in self.rows)
+
+
+def collate(batch: list[tuple[torch.Tensor, PackedRow]], pad_id: int) -> dict[str, torch.Tensor]:
+    out = collate_rows([row for _, row in batch], pad_id)  # (B, T) each
+    out["image_features"] = torch.stack([f for f, _ in batch])  # (B, N, D)
+    return out
+
+
+def answer_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
+    """Next-token cross-entropy on answer tokens only: the state at t predicts label t + 1;
+    positions whose next token is not an answer token never reach the LM head."""
+    targets = labels[:, 1:]  # (B, T - 1)
+    keep = targets != IGNORE  # (B, T - 1)
+    logits = lm_head(hidden[:, :-1][keep])  # (M, V), M answer tokens in the batch
+    return F.cross_entropy(logits.float(), targets[keep])
+
+
+class UnderstandingModule(L.LightningModule):
+    """The LLaVA recipe around a `ToyBackbone` (projector + LM trained, CLIP frozen upstream)."""
+
+    def __init__(self, backbone: ToyBackbone, cfg: UnderstandingTrainConfig):
+        super().__init__()
+        self.backbone, self.cfg = backbone, cfg
+        self.loss_history: list[tuple[int, float]] = []  # (step, loss), kept in the checkpoint
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        mask = packed_attention_mask(batch["segments"])  # (B, 1, T, T)
+        hidden = self.backbone.hidden(batch["input_ids"], batch["image_features"], mask,
+                                      batch["position_ids"])  # (B, T, H)
+        return answer_loss(hidden, batch["labels"], self.backbone.lm.lm_head)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        if self.global_step % self.cfg.log_every == 0 or self.global_step == self.cfg.max_steps - 1:
+            self.loss_history.append((int(self.global_step), float(loss.detach())))
+        return loss
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.backbone.named_parameters():
+            if p.requires_grad:
+                excluded = p.ndim < 2 or "embed" in name or "norm" in name
+                (no_decay if excluded else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.cfg.lr, betas=(0.9, 0.98))
+        cfg = self.cfg
+
+        def schedule(step: int) -> float:  # linear warmup, then cosine to min_lr_ratio
+            if step < cfg.warmup_steps:
+                return (step + 1) / cfg.warmup_steps
+            progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["loss_history"] = self.loss_history
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.loss_history = [tuple(x) for x in checkpoint.get("loss_history", [])]
+
+
+def train_understanding(backbone: ToyBackbone, features: torch.Tensor, rows: list[dict],
+                        cfg: UnderstandingTrainConfig, ckpt_dir: str | Path) -> TrainResult:
+    """Train `backbone` (projector + LM) in place on cached CLIP features (N, 64, D) and the
+    aligned dataset rows; resume from `ckpt_dir/last.ckpt` when an earlier run was interrupted."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(cfg.seed, verbose=False)
+    data = PackedConversations(features, rows, Packer(backbone.tokenizer, backbone.cfg.num_image_tokens))
+    pad_id = backbone.tokenizer.pad_token_id
+    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                        collate_fn=lambda b: collate(b, pad_id))
+    module = UnderstandingModule(backbone, cfg)
+    last = Path(ckpt_dir) / "last.ckpt"
+    resumed = None
+    if last.exists():  # our own Lightning checkpoint, written by this function
+        resumed = int(torch.load(last, map_location="cpu", weights_only=True).get("global_step", 0))
+    trainer = L.Trainer(
+        max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
+        precision=cfg.precision, gradient_clip_val=cfg.grad_clip, logger=False, enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                   every_n_train_steps=cfg.checkpoint_every)],
+    )
+    start = time.perf_counter()
+    backbone.train()
+    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
+    backbone.eval().cpu()
+    seconds = time.perf_counter() - start
+    steps = int(trainer.global_step)
+    tokens_per_row = data.num_tokens() / max(1, len(data))
+    return TrainResult(module.loss_history, steps, seconds, resumed,
+                       extra={"rows_per_epoch": len(data), "tokens_per_row": round(tokens_per_row, 1),
+                              "epochs": round(steps * cfg.batch_size / max(1, len(data)), 2)})

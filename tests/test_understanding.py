@@ -1,0 +1,199 @@
+"""Stage 1b: answer-only loss, shared-prefix packing, overfitting, resume, VQA metrics, the
+stage end to end (tiny), the Python and CLI `answer` (errors included)."""
+
+import json
+
+import pytest
+import torch
+
+from blip3o_mini.backbone import BackboneConfig, ToyBackbone
+from blip3o_mini.backbone_interface import Backbone, positions_from_mask
+from blip3o_mini.cli import main as cli
+from blip3o_mini.data import make_sample
+from blip3o_mini.data.dataset import generate_split
+from blip3o_mini.data.tensors import images_uint8
+from blip3o_mini.evaluation.vqa import vqa_accuracy
+from blip3o_mini.tokenizer import build_tokenizer, expand_image_placeholders, shapesworld_texts
+from blip3o_mini.training.packing import IGNORE, Packer, collate_rows, packed_attention_mask
+from blip3o_mini.training.understanding import (UnderstandingModule, UnderstandingTrainConfig, answer_loss,
+                                                collate, conversation, train_understanding)
+
+ROWS = [make_sample(0, "train", i) for i in range(40)]
+TINY = BackboneConfig(vision_dim=16, hidden_size=64, num_layers=2, intermediate_size=128)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(shapesworld_texts(ROWS))
+
+
+def tiny_backbone(tok, seed=0):
+    torch.manual_seed(seed)
+    return ToyBackbone(TINY, tok)
+
+
+def test_labels_cover_answers_only(tok):
+    packer = Packer(tok, 64)
+    row = packer.pack_many([conversation(ROWS[0])])[0]
+    labelled = [i for i, l in enumerate(row.labels) if l != IGNORE]
+    segs = {}
+    for i in labelled:
+        segs.setdefault(row.segments[i], []).append(row.labels[i])
+    answers = [a for _, a in conversation(ROWS[0])]
+    assert [tok.decode(v) for _, v in sorted(segs.items())] == [a + "<|end|>" for a in answers]
+    assert all(row.labels[i] == row.input_ids[i] for i in labelled)
+    assert row.segments[:65] == [0] * 65 and row.positions[:65] == list(range(65))
+
+
+def test_loss_ignores_non_answer_positions(tok):
+    bb = tiny_backbone(tok)
+    batch = collate([(torch.randn(64, 16), r) for r in Packer(tok, 64).pack_many(
+        [conversation(ROWS[0]), conversation(ROWS[1])])], tok.pad_token_id)
+    hidden = bb.hidden(batch["input_ids"], batch["image_features"], packed_attention_mask(batch["segments"]),
+                       batch["position_ids"]).detach().requires_grad_(True)
+    answer_loss(hidden, batch["labels"], bb.lm.lm_head).backward()
+    predicts_answer = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    predicts_answer[:, :-1] = batch["labels"][:, 1:] != IGNORE  # state t predicts token t + 1
+    grad_norm = hidden.grad.norm(dim=-1)  # (B, T)
+    assert (grad_norm[predicts_answer] > 0).all() and (grad_norm[~predicts_answer] == 0).all()
+
+
+def test_packed_turns_equal_one_turn_sequences(tok):
+    """Turn j of a packed row gives the states of the single-turn chat `prefix + turn j`."""
+    bb = tiny_backbone(tok).eval()
+    conv = conversation(ROWS[3])
+    feats = torch.randn(1, 64, 16)
+    row = Packer(tok, 64).pack_many([conv])[0]
+    batch = collate_rows([row], tok.pad_token_id)
+    packed = bb.hidden(batch["input_ids"], feats, packed_attention_mask(batch["segments"]), batch["position_ids"])[0]
+    seg = torch.tensor(row.segments)
+    for j, (q, a) in enumerate(conv, start=1):
+        text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]},
+                                        {"role": "assistant", "content": a}], tokenize=False)
+        ids = tok(expand_image_placeholders(text, "<|image|>", 64), add_special_tokens=False, return_tensors="pt").input_ids
+        keep = (seg == 0) | (seg == j)
+        assert ids[0].tolist() == torch.tensor(row.input_ids)[keep].tolist()  # same tokens as the chat template
+        mask = torch.ones_like(ids)
+        single = bb.hidden(ids, feats, mask, positions_from_mask(mask))[0]
+        torch.testing.assert_close(packed[keep], single, atol=2e-5, rtol=1e-4)
+
+
+def test_overfits_one_batch(tok):
+    torch.manual_seed(0)
+    bb = ToyBackbone(BackboneConfig(vision_dim=16, hidden_size=64, num_layers=2, intermediate_size=128,
+                                    num_image_tokens=4), tok)  # 4 image tokens: a short row
+    rows = ROWS[:2]
+    feats = torch.randn(2, 4, 16)
+    batch = collate(list(zip(feats, Packer(tok, 4).pack_many([conversation(r) for r in rows]))), tok.pad_token_id)
+    module = UnderstandingModule(bb, UnderstandingTrainConfig())
+    opt = torch.optim.AdamW(bb.parameters(), lr=5e-3)
+    bb.train()
+    for _ in range(50):
+        loss = module.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    bb.eval()
+    for i, r in enumerate(rows):
+        qs = ["describe the image."] + r["questions"]
+        assert bb.answer_features(feats[i:i + 1].expand(len(qs), -1, -1), qs, 30) == [r["captions"][0]] + r["answers"]
+
+
+def test_training_resumes_from_last_checkpoint(tok, tmp_path):
+    feats, rows = torch.randn(8, 64, 16), ROWS[:8]
+    cfg = UnderstandingTrainConfig(batch_size=4, max_steps=2, warmup_steps=1, log_every=1, checkpoint_every=2,
+                                   precision="32-true", accelerator="cpu")
+    first = train_understanding(tiny_backbone(tok), feats, rows, cfg, tmp_path)
+    assert first.steps == 2 and (tmp_path / "last.ckpt").exists() and first.resumed_from is None
+    cfg.max_steps = 4
+    again = train_understanding(tiny_backbone(tok, seed=1), feats, rows, cfg, tmp_path)
+    assert again.resumed_from == 2 and again.steps == 4
+    assert [s for s, _ in again.loss_history] == [0, 1, 2, 3]
+    assert again.loss_history[:2] == first.loss_history  # the history travels in the checkpoint
+
+
+class Oracle(Backbone):
+    """Answers from the scene graph (looked up by image) or always `fixed`."""
+
+    def __init__(self, split, images, fixed=None):
+        super().__init__()
+        self.lookup = {images[i].numpy().tobytes(): split[i] for i in range(len(split))}
+        self.fixed, self.param = fixed, torch.nn.Parameter(torch.zeros(1))
+
+    def answer(self, images, questions, max_new_tokens=32):
+        out = []
+        for img, q in zip(images, questions):
+            row = self.lookup[img.numpy().tobytes()]
+            truth = row["captions"][0] if q == "describe the image." else row["answers"][row["questions"].index(q)]
+            out.append(self.fixed or truth.upper() + ".")  # case and full stop do not matter
+        return out
+
+
+def test_vqa_metrics_exact():
+    split = generate_split(0, "val", 30)
+    images = images_uint8(split)
+    perfect = vqa_accuracy(Oracle(split, images), split, images, batch_size=7, captions=True)
+    assert perfect.vqa_accuracy == 1.0 and perfect.vqa_accuracy_unseen == 1.0
+    assert perfect.caption_accuracy == 1.0 and set(perfect.per_num_objects) <= {1, 2, 3, 4}
+    assert perfect.num_questions + perfect.num_questions_unseen == sum(len(q) for q in split["questions"])
+    yes = vqa_accuracy(Oracle(split, images, fixed="yes"), split, images, captions=True)
+    seen = [a for a, u in zip(split["answers"], split["unseen"]) if not u]
+    assert yes.vqa_accuracy == pytest.approx(sum(x == "yes" for a in seen for x in a) / sum(map(len, seen)))
+    assert yes.per_type["color"] == 0.0 and yes.caption_accuracy == 0.0
+    m = yes.to_metrics()
+    for key in ("vqa_accuracy", "vqa_accuracy_unseen", "vqa_accuracy_color", "vqa_accuracy_relation",
+                "caption_accuracy"):
+        assert key in m
+
+
+def tiny_run_config():
+    return {"seed": 0, "data": {"num_train": 48, "num_val": 64},  # the CLIP stage's recall@1 needs 64
+            "clip": {"train": {"batch_size": 16, "max_steps": 2, "precision": "32-true"}},
+            "understanding": {"backbone": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+                                           "intermediate_size": 64},
+                              "train": {"batch_size": 8, "max_steps": 3, "warmup_steps": 1, "precision": "32-true"},
+                              "eval": {"batch_size": 64, "max_scenes": 12}}}
+
+
+@pytest.mark.slow
+def test_stage_end_to_end_and_answer(tmp_path, capsys):
+    from PIL import Image
+
+    from blip3o_mini.run import ensure_stage
+    from blip3o_mini.understanding_stage import answer, evaluate_stage_vqa, load_understanding
+
+    results = ensure_stage("understanding", tiny_run_config(), tmp_path)
+    und = results["understanding"]
+    metrics = json.loads((und.path / "metrics.json").read_text())
+    for key in ("vqa_accuracy", "vqa_accuracy_unseen", "vqa_accuracy_count", "caption_accuracy", "train_steps"):
+        assert key in metrics
+    assert metrics["train_steps"] == 3 and len(json.loads((und.path / "loss_history.json").read_text())) >= 1
+    assert not list(und.path.glob("lightning-*"))  # resume state removed once complete
+    assert ensure_stage("understanding", tiny_run_config(), tmp_path)["understanding"].skipped
+    backbone = load_understanding(tmp_path)
+    assert evaluate_stage_vqa(backbone, tmp_path) == pytest.approx(metrics["vqa_accuracy"])
+
+    rgba = Image.new("RGBA", (100, 100), (0, 0, 0, 0))
+    rgba.paste((220, 30, 30, 255), (20, 20, 60, 60))
+    rgba.save(tmp_path / "x.png")
+    expected = answer(tmp_path / "x.png", "how many objects are there?", backbone=backbone)
+    capsys.readouterr()
+    assert cli(["answer", str(tmp_path / "x.png"), "how many objects are there?", "--run-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == expected
+
+
+def test_cli_errors(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "w.png")
+    assert cli(["answer", str(tmp_path / "w.png"), "   ", "--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "question is empty" in err and len(err.strip().splitlines()) == 1
+    assert cli(["answer", str(tmp_path / "missing.png"), "what?", "--run-dir", str(tmp_path)]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert cli(["answer", str(tmp_path / "w.png"), "what?", "--run-dir", str(tmp_path)]) == 2
+    assert "no finished understanding stage" in capsys.readouterr().err
+    from blip3o_mini.understanding_stage import answer
+    with pytest.raises(ValueError, match="question is empty"):
+        answer(tmp_path / "w.png", "")

@@ -1,0 +1,225 @@
+"""The pixel decoder: a diffusion model that paints an image from its 64 CLIP feature tokens.
+
+Mirrors the second diffusion stage of BLIP3-o (arXiv 2505.09568, section 3; DESIGN.md section
+1): the DiT generates 64 CLIP tokens, and a separate diffusion model trained to *reconstruct*
+images from CLIP features turns them into pixels (Emu2's SDXL-based decoder in BLIP3-o, which
+BLIP3-o does not train; 50 steps, CFG 3.0). Here it is a small `diffusers`
+`UNet2DConditionModel` that reads the tokens through cross-attention, trained on ShapesWorld.
+
+Choices, and why:
+- **Pixel space, no VAE.** At 64x64 an image is 12,288 numbers, fewer than SDXL's 128x128x4
+  latents; a VAE would be one more model to train and would smear the exact palette colours
+  the GenEval-mini detector reads. The only compression is a lossless space-to-depth
+  (`pixel_unshuffle` by `space_to_depth`): 2x2 pixel blocks become 12 channels at 32x32, which
+  cuts the UNet's cost 4x on a CPU and loses nothing (`pixel_shuffle` inverts it exactly).
+- **Flow matching through diffusers' `FlowMatchEulerDiscreteScheduler`**: the same rectified
+  flow objective as the DiT (`flow.py`), in diffusers' time: `sigma = 1 - t` (sigma = 1 is
+  noise), `x_sigma = (1 - sigma) * x_1 + sigma * x_0`, and the network predicts
+  `x_0 - x_1` (noise minus data). Straight paths let ~20 Euler steps suffice.
+- **Condition**: the tokens, normalised per dimension by the CLIP stage's statistics,
+  projected to `cross_attention_dim`, plus a learned 2-D (row + column) position embedding so
+  the UNet knows which 8x8 patch each token describes. The null condition for classifier-free
+  guidance zeroes the normalised features (BLIP3-o's null is a zero condition too); the
+  position embedding stays.
+
+Shape glossary: B batch, N condition tokens (64 = an 8x8 grid), D CLIP feature width (toy
+128), C cross-attention width, H = W image side (64), S space-to-depth factor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .artifacts import atomic_write_json, load_tensors, save_tensors
+
+WEIGHTS_FILE = "decoder.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class DecoderConfig:
+    """The decoder's architecture; the defaults are the toy CPU model (~4M parameters)."""
+
+    feature_dim: int = 128  # D: width of a CLIP token
+    num_tokens: int = 64  # N: CLIP tokens per image, a square grid
+    image_size: int = 64  # H = W
+    space_to_depth: int = 2  # S: lossless pixel_unshuffle before the UNet (1 = off)
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 1
+    num_attention_levels: int = 1  # cross-attention in this many lowest-resolution levels (+ mid)
+    cross_attention_dim: int = 128  # C
+    attention_head_dim: int = 32
+    norm_num_groups: int = 8
+    num_train_timesteps: int = 1000
+    shift: float = 1.0  # diffusers' sigma shift; > 1 spends more steps at high noise
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.block_out_channels)
+        side = math.isqrt(self.num_tokens)
+        if side * side != self.num_tokens:
+            raise ValueError(f"num_tokens must be a square grid (e.g. 64 = 8x8), got {self.num_tokens}")
+        if self.image_size % self.space_to_depth:
+            raise ValueError(f"image_size {self.image_size} is not divisible by space_to_depth "
+                             f"{self.space_to_depth}")
+        if not 0 <= self.num_attention_levels <= len(self.block_out_channels):
+            raise ValueError(f"num_attention_levels must be in [0, {len(self.block_out_channels)}], "
+                             f"got {self.num_attention_levels}")
+
+
+class ConditionEmbedder(nn.Module):
+    """CLIP tokens (B, N, D) -> cross-attention context (B, N, C): normalise, project, add a
+    learned row + column position embedding. `keep[b] = False` gives sample b the null
+    condition (zero features)."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        side = math.isqrt(cfg.num_tokens)
+        C = cfg.cross_attention_dim
+        self.register_buffer("feature_mean", torch.zeros(cfg.feature_dim))  # (D,)
+        self.register_buffer("feature_std", torch.ones(cfg.feature_dim))  # (D,)
+        self.proj = nn.Linear(cfg.feature_dim, C)
+        self.row_embed = nn.Parameter(torch.randn(side, 1, C) * 0.02)  # (8, 1, C)
+        self.col_embed = nn.Parameter(torch.randn(1, side, C) * 0.02)  # (1, 8, C)
+
+    def set_feature_stats(self, mean: Tensor, std: Tensor) -> None:
+        """Per-dimension statistics of the training features (from the CLIP stage)."""
+        self.feature_mean.copy_(mean.reshape(-1))
+        self.feature_std.copy_(std.reshape(-1).clamp_min(1e-6))
+
+    def forward(self, features: Tensor, keep: Tensor | None = None) -> Tensor:
+        B, N, D = features.shape
+        z = (features - self.feature_mean) / self.feature_std  # (B, N, D)
+        if keep is not None:
+            z = z * keep.to(z.dtype)[:, None, None]  # (B, N, D) null rows are zeros
+        pos = (self.row_embed + self.col_embed).reshape(N, -1)  # (N, C), row-major like the grid
+        return self.proj(z) + pos  # (B, N, C)
+
+
+def build_unet(cfg: DecoderConfig):
+    from diffusers import UNet2DConditionModel
+
+    levels = len(cfg.block_out_channels)
+    attn = [i >= levels - cfg.num_attention_levels for i in range(levels)]
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
+    channels = 3 * cfg.space_to_depth**2
+    return UNet2DConditionModel(
+        sample_size=cfg.image_size // cfg.space_to_depth, in_channels=channels, out_channels=channels,
+        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+        down_block_types=down, up_block_types=up, cross_attention_dim=cfg.cross_attention_dim,
+        attention_head_dim=cfg.attention_head_dim, norm_num_groups=cfg.norm_num_groups)
+
+
+def images_to_model(images: Tensor) -> Tensor:
+    """uint8 (B, 3, H, W) in [0, 255] -> float (B, 3, H, W) in [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
+def model_to_images(x: Tensor) -> Tensor:
+    """float (B, 3, H, W) in [-1, 1] -> uint8 (B, 3, H, W), clamped and rounded."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class PixelDecoder(nn.Module):
+    """UNet + condition embedder + flow-matching scheduler; `decode` turns CLIP tokens into images."""
+
+    def __init__(self, cfg: DecoderConfig | None = None):
+        super().__init__()
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.cfg = cfg or DecoderConfig()
+        self.cond_embed = ConditionEmbedder(self.cfg)
+        self.unet = build_unet(self.cfg)
+        self.scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=self.cfg.num_train_timesteps, shift=self.cfg.shift)
+
+    def check_features(self, features: Tensor) -> None:
+        N, D = self.cfg.num_tokens, self.cfg.feature_dim
+        if not torch.is_tensor(features) or features.ndim != 3 or tuple(features.shape[1:]) != (N, D):
+            got = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
+            raise ValueError(f"features must be CLIP tokens shaped (B, {N}, {D}), got {got}; "
+                             "encode images with ClipEncoder.encode_tokens")
+
+    def forward(self, x_t: Tensor, timesteps: Tensor, features: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Predicted flow `x_0 - x_1` at noisy images x_t (B, 3, H, W), diffusers timesteps
+        (B,) = 1000 * sigma, CLIP tokens (B, N, D); `keep` (B,) bool marks conditioned rows."""
+        B, _, H, W = x_t.shape
+        S = self.cfg.space_to_depth
+        cond = self.cond_embed(features, keep)  # (B, N, C)
+        z = F.pixel_unshuffle(x_t, S)  # (B, 3*S*S, H/S, W/S)
+        out = self.unet(z, timesteps, encoder_hidden_states=cond).sample  # (B, 3*S*S, H/S, W/S)
+        return F.pixel_shuffle(out, S)  # (B, 3, H, W)
+
+    def guided(self, x_t: Tensor, timesteps: Tensor, features: Tensor, guidance_scale: float) -> Tensor:
+        """Classifier-free guidance in one batch of 2B: null + scale * (cond - null)."""
+        B = x_t.shape[0]
+        keep = torch.cat([torch.ones(B, dtype=torch.bool), torch.zeros(B, dtype=torch.bool)])
+        both = self(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]),
+                    torch.cat([features, features]), keep.to(x_t.device))  # (2B, 3, H, W)
+        v_cond, v_null = both.chunk(2)  # (B, 3, H, W) each
+        return v_null + guidance_scale * (v_cond - v_null)
+
+    def velocity(self, x_t: Tensor, timesteps: Tensor, features: Tensor, guidance_scale: float = 1.0) -> Tensor:
+        """The sampler's model output; scale 1 is the conditional model (no null pass)."""
+        if guidance_scale == 1.0:
+            return self(x_t, timesteps, features)
+        return self.guided(x_t, timesteps, features, guidance_scale)
+
+    @torch.no_grad()
+    def decode(self, features: Tensor, num_inference_steps: int = 20, guidance_scale: float = 1.5,
+               generator: torch.Generator | None = None, output_type: str = "uint8",
+               noise: Tensor | None = None):
+        """CLIP tokens (B, N, D) -> images: uint8 (B, 3, H, W) or, with output_type="pil", a
+        list of PIL images. Noise comes from `generator` (CPU) unless given as `noise`."""
+        self.check_features(features)
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}")
+        if output_type not in ("uint8", "pil"):
+            raise ValueError(f"output_type must be 'uint8' or 'pil', got {output_type!r}")
+        B = features.shape[0]
+        device = next(self.parameters()).device
+        shape = (B, 3, self.cfg.image_size, self.cfg.image_size)
+        if noise is None:
+            noise = torch.randn(shape, generator=generator)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise must be shaped {shape}, got {tuple(noise.shape)}")
+        sched = type(self.scheduler).from_config(self.scheduler.config)  # fresh step counter
+        sched.set_timesteps(num_inference_steps, device=device)
+        features = features.to(device=device, dtype=torch.float32)
+        x = noise.to(device)  # (B, 3, H, W) at sigma = 1
+        for t in sched.timesteps:
+            v = self.velocity(x, t.expand(B), features, guidance_scale)  # (B, 3, H, W)
+            x = sched.step(v, t, x).prev_sample  # (B, 3, H, W) one Euler step toward sigma = 0
+        images = model_to_images(x).cpu()
+        if output_type == "pil":
+            from PIL import Image
+
+            return [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]
+        return images
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, directory: str | Path, **extra) -> None:
+        """Weights (safetensors) + `config.json` {"model": DecoderConfig, **extra}, atomically."""
+        directory = Path(directory)
+        save_tensors(directory / WEIGHTS_FILE, self.state_dict())
+        atomic_write_json(directory / CONFIG_FILE, {"model": asdict(self.cfg), **extra})
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "PixelDecoder":
+        directory = Path(directory)
+        cfg_path = directory / CONFIG_FILE
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"{cfg_path}: no decoder config; train the decoder stage first "
+                                    "(blip3o-mini run) or pass the stage directory RUN_DIR/decoder")
+        model = cls(DecoderConfig(**json.loads(cfg_path.read_text())["model"]))
+        model.load_state_dict(load_tensors(directory / WEIGHTS_FILE))
+        return model.to(device).eval()

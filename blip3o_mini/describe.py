@@ -220,7 +220,11 @@ def count(module: torch.nn.Module) -> int:
 
 def describe(cfg: dict, name: str = "config") -> ModelDescription:
     """Per-component parameter counts of `cfg`'s model, built on the meta device."""
-    c = build_components(cfg, "meta")
+    return describe_components(build_components(cfg, "meta"), name)
+
+
+def describe_components(c: Components, name: str) -> ModelDescription:
+    """Counts and widths of already built components (any device)."""
     g = c.generator
     queries, dit = g.queries.numel(), count(g.dit)
     components = [

@@ -312,6 +312,20 @@ def test_full_configs_one_step_with_tiny_components(name, targets, shards, tiny_
     assert run.module.generator.dit_cfg.gradient_checkpointing and run.trainer_kwargs["precision"] == "bf16-mixed"
 
 
+def test_bench_full_step_refuses_cpu_at_full_size_and_runs_tiny(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_full_step
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            bench_full_step.main(["--size", "full"])
+    bench_full_step.main(["--size", "tiny", "--batch", "2", "--steps", "1", "--warmup", "0",
+                          "--prompt-tokens", "40"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["samples_per_s"] > 0 and out["seq_len"] >= 64 + 30 and out["model_tflops_per_sample"] > 0
+    assert out["reference_official_4b_samples_per_s_per_gpu"] == 2.78
+
+
 # ------------------------------------------------------------------------------ DDP
 def load_script():
     import importlib.util

@@ -21,12 +21,16 @@ What the counts mean for memory per GPU and FLOPs per sample is in `sizing.py`
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from .config import build
-from .sizing import MemoryEstimate, memory_estimate, train_flops_per_sample  # noqa: F401 (the package's sizing API)
+from .sizing import MemoryEstimate, memory_estimate, train_flops_per_sample
+
+__all__ = ["QWEN2_5_VL", "Components", "ComponentCount", "ModelDescription", "build_components", "describe",
+           "describe_components", "generation_configs", "MemoryEstimate", "memory_estimate",
+           "train_flops_per_sample"]  # the sizing functions are re-exported: describe + estimate in one place
 
 # Hugging Face `config.json` of Qwen/Qwen2.5-VL-7B-Instruct and Qwen/Qwen2.5-VL-3B-Instruct
 # (huggingface.co/Qwen/Qwen2.5-VL-{7B,3B}-Instruct/blob/main/config.json): text model width,

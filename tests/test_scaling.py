@@ -118,6 +118,9 @@ def test_full_configs_follow_blip3o_recipe():
         tc = trainer_config(cfg)
         assert (tc.strategy, tc.precision) == ("deepspeed_stage_1", "bf16-mixed")
         assert check_global_batch(tc, train["batch_size"]) == 512 == tc.world_size * train["batch_size"]
+        assert trainer["devices"] * trainer["num_nodes"] == 32  # BLIP3-o: 32 GPUs
+        assert "BLIP3o-60k" in cfg["data"]["instruct_shards"] and cfg["data"]["targets"] == "features"
+        assert all("BLIP3o-Pretrain" in s for s in cfg["data"]["shards"])
         assert cfg["understanding"]["pretrained"].endswith(f"{'7B' if hidden == 3584 else '3B'}-Instruct")
     assert trainer_config(load_config("small")).devices == 1
 

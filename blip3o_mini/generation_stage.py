@@ -21,20 +21,14 @@ import torch
 
 from .artifacts import (atomic_write_json, fingerprint, load_tensors, mark_complete, save_tensors,
                         stage_complete)
-from .config import build
 from .generation import Blip3oGenerator, GeneratorConfig
 from .run import StageResult
-from .training.generation import GenerationTrainConfig, train_generation
+from .training.clip import TrainResult
+from .training.generation import CaptionFeatureDataset
 
 GENERATION_STAGE_VERSION = 1
 WEIGHTS = "generator.safetensors"
 CONFIG = "generator_config.json"
-
-
-def generation_configs(section: dict | None) -> tuple[GeneratorConfig, GenerationTrainConfig]:
-    section = dict(section or {})
-    train = section.pop("train", None)
-    return build(GeneratorConfig, section), build(GenerationTrainConfig, train)
 
 
 def save_generator(generator: Blip3oGenerator, directory: str | Path) -> None:
@@ -82,7 +76,9 @@ def generation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
         print(_summary(metrics))
         return StageResult("generation", key, out, True, metrics)
 
-    gen_cfg, train_cfg = generation_configs(section)
+    from .describe import generation_configs
+
+    gen_cfg, train_cfg, _ = generation_configs(cfg)
     ds = datasets.load_from_disk(str(data.path / "shapesworld"))
     features = load_split_features(clip.path, "train")  # (N, 64, F)
     stats = feature_stats(clip.path)
@@ -99,7 +95,8 @@ def generation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     for stale in out.glob("lightning-*"):
         if stale != ckpt_dir:
             shutil.rmtree(stale, ignore_errors=True)
-    result = train_generation(generator, backbone, ds["train"]["captions"], features, train_cfg, ckpt_dir)
+    dataset = CaptionFeatureDataset(ds["train"]["captions"], features)
+    result = train(cfg, generator, backbone, dataset, ckpt_dir)
 
     hash_after = weights_hash(backbone)
     t0 = time.perf_counter()
@@ -119,6 +116,28 @@ def generation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     mark_complete(out, key, metrics=metrics)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return StageResult("generation", key, out, False, metrics)
+
+
+def train(cfg: dict, generator: Blip3oGenerator, backbone, dataset, ckpt_dir: Path) -> TrainResult:
+    """Fit through `generation_run`, the one code path of the toy and the multi-GPU runs;
+    resume from `ckpt_dir/last.ckpt` when an earlier run was interrupted."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from .training.generation_run import generation_run
+
+    run = generation_run(cfg, backbone, dataset, generator.feature_dim, generator=generator)
+    last = ckpt_dir / "last.ckpt"
+    resumed = None
+    if last.exists():  # our own Lightning checkpoint, written by this function
+        resumed = int(torch.load(last, map_location="cpu", weights_only=True).get("global_step", 0))
+    every = run.train_cfg.checkpoint_every
+    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=every)]
+    torch.manual_seed(run.train_cfg.seed)
+    start = time.perf_counter()
+    trainer = run.fit(ckpt_path=str(last) if last.exists() else None, callbacks=callbacks)
+    generator.eval().cpu()
+    backbone.cpu()
+    return TrainResult(run.module.losses, int(trainer.global_step), time.perf_counter() - start, resumed)
 
 
 def _summary(m: dict) -> str:

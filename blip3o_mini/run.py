@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .artifacts import atomic_write_json, fingerprint, mark_complete, stage_complete
+from .artifacts import fingerprint, mark_complete, stage_complete
+from .report import build_report, write_report
 
 DATA_VERSION = 2  # bump when the ShapesWorld generator changes its output
 
@@ -47,21 +48,45 @@ def data_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     return StageResult("data", key, out, skipped, metrics)
 
 
-# Stages in pipeline order; later issues append CLIP, understanding, generation, decoder, eval.
+def lazy(target: str) -> Callable[[dict, Path, dict], StageResult]:
+    """A stage given as "module:function", imported only when it runs (so `--help` and the
+    data stage never import torch-heavy modules)."""
+    module, name = target.split(":")
+
+    def stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
+        import importlib
+
+        return getattr(importlib.import_module(f"blip3o_mini.{module}"), name)(cfg, run_dir, upstream)
+
+    stage.__name__ = name
+    return stage
+
+
+# Stages in pipeline order, as BLIP3-o trains: understanding first, then generation with the
+# understanding backbone frozen; the decoder needs only the CLIP stage.
 STAGES: list[tuple[str, Callable[[dict, Path, dict], StageResult]]] = [
     ("data", data_stage),
+    ("clip", lazy("clip_stage:clip_stage")),  # Stage 1a: CLIP encoder + feature cache
+    ("understanding", lazy("understanding_stage:understanding_stage")),  # Stage 1b
+    ("generation", lazy("generation_stage:generation_stage")),  # Stage 2: queries + DiT
+    ("decoder", lazy("decoder_stage:decoder_stage")),  # CLIP features -> pixels
+    ("evaluation", lazy("evaluation_stage:evaluation_stage")),  # GenEval-mini + report grid
 ]
+# What each stage reads, so a notebook asking for the decoder does not train the generator.
+NEEDS = {"data": [], "clip": ["data"], "understanding": ["data", "clip"],
+         "generation": ["data", "clip", "understanding"], "decoder": ["data", "clip"],
+         "evaluation": ["data", "clip", "understanding", "generation", "decoder"]}
 
 
 def ensure_stage(name: str, cfg: dict, run_dir: str | Path) -> dict[str, StageResult]:
-    """Run (or load from cache) every stage up to and including `name`; notebooks start here."""
-    names = [n for n, _ in STAGES]
-    if name not in names:
-        raise ValueError(f"unknown stage {name!r}; stages are {names}")
+    """Run (or load from cache) stage `name` and the stages it reads; notebooks start here."""
+    if name not in NEEDS:
+        raise ValueError(f"unknown stage {name!r}; stages are {list(NEEDS)}")
     run_dir = Path(run_dir)
     results: dict[str, StageResult] = {}
-    for n, stage in STAGES[: names.index(name) + 1]:
-        results[n] = stage(cfg, run_dir, results)
+    for n, stage in STAGES:
+        if n == name or n in NEEDS[name]:
+            results[n] = stage(cfg, run_dir, results)
     return results
 
 
@@ -81,7 +106,7 @@ def run_pipeline(cfg: dict, run_dir: str | Path) -> dict:
     for name, r in results.items():
         print(f"{name:<16} {timings[name]:>9.1f}  {'cached' if r.skipped else 'ran'}")
     print(f"{'total':<16} {total:>9.1f}")
-    report = {name: r.metrics for name, r in results.items()}
-    report |= {"timings_s": timings, "total_s": total}
-    atomic_write_json(run_dir / "report.json", report)
+    report = build_report({name: r.metrics for name, r in results.items()}, timings, total)
+    write_report(run_dir, report)
+    print(f"report: {run_dir / 'report.json'}, {run_dir / 'report.md'}")
     return report

@@ -9,17 +9,14 @@ config changes.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..generation import Blip3oGenerator
-from .clip import TrainResult
 
 
 @dataclass
@@ -36,28 +33,26 @@ class GenerationTrainConfig:
     num_workers: int = 0
     checkpoint_every: int = 200
     seed: int = 0
-    # Lightning trainer flags: the toy run and the multi-GPU run differ only here.
-    accelerator: str = "auto"
-    devices: int | str = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
 
 
 class CaptionFeatureDataset(Dataset):
-    """(a caption paraphrase, its image's CLIP features (N, F)); a random paraphrase per visit."""
+    """Every (caption paraphrase, its image's CLIP features (N, F)) pair, flattened: an epoch
+    visits each paraphrase once. Items depend only on their index, so the sharded sampler's
+    ranks and a mid-epoch resume see exactly the same pairs as a single process would."""
 
     def __init__(self, captions: list[list[str]], features: Tensor):
         if len(captions) != len(features):
             raise ValueError(f"{len(captions)} caption lists but {len(features)} feature rows; "
                              "the CLIP feature cache must be aligned with the dataset split")
-        self.captions, self.features = captions, features
+        self.features = features
+        self.pairs = [(text, row) for row, options in enumerate(captions) for text in options]
 
     def __len__(self) -> int:
-        return len(self.features)
+        return len(self.pairs)
 
     def __getitem__(self, i: int) -> tuple[str, Tensor]:
-        options = self.captions[i]  # paraphrases; the global RNG is seeded by seed_everything
-        return options[int(torch.randint(len(options), (1,)))], self.features[i]
+        text, row = self.pairs[i]
+        return text, self.features[row]
 
 
 def collate(batch: list[tuple[str, Tensor]]) -> tuple[list[str], Tensor]:
@@ -118,32 +113,3 @@ class GenerationModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.losses = [tuple(x) for x in checkpoint.get("loss_history", [])]
 
-
-def train_generation(generator: Blip3oGenerator, backbone: torch.nn.Module, captions: list[list[str]],
-                     features: Tensor, cfg: GenerationTrainConfig, ckpt_dir: str | Path) -> TrainResult:
-    """Train `generator` in place on CLIP features (N, 64, F) and their images' caption
-    paraphrases, through the frozen `backbone`; resume from `ckpt_dir/last.ckpt` when an earlier
-    run was interrupted."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    L.seed_everything(cfg.seed, verbose=False)
-    loader = DataLoader(CaptionFeatureDataset(captions, features), batch_size=cfg.batch_size,
-                        shuffle=True, drop_last=True, collate_fn=collate, num_workers=cfg.num_workers)
-    module = GenerationModule(generator, backbone, cfg)
-    last = Path(ckpt_dir) / "last.ckpt"
-    resumed = None
-    if last.exists():  # our own Lightning checkpoint, written by this function
-        resumed = int(torch.load(last, map_location="cpu", weights_only=True).get("global_step", 0))
-    trainer = L.Trainer(
-        max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices,
-        num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=cfg.precision,
-        gradient_clip_val=cfg.grad_clip, logger=False, enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                                   every_n_train_steps=cfg.checkpoint_every)],
-    )
-    start = time.perf_counter()
-    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
-    generator.eval().cpu()
-    backbone.cpu()
-    return TrainResult(module.losses, int(trainer.global_step), time.perf_counter() - start, resumed)

@@ -83,3 +83,29 @@ def test_measure_stats_per_dimension():
 def test_missing_stage_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="train the CLIP stage first"):
         load_split_features(tmp_path / "clip", "train")
+
+
+def test_clip_stage_end_to_end_on_a_tiny_run(tmp_path):
+    """The "clip" stage: trains, writes weights/configs/metrics/features, then is skipped."""
+    import json
+
+    from blip3o_mini.run import STAGES, ensure_stage
+
+    assert [n for n, _ in STAGES][:2] == ["data", "clip"]
+    cfg = {"seed": 0, "data": {"num_train": 64, "num_val": 64},
+           "clip": {"train": {"batch_size": 32, "max_steps": 2, "warmup_steps": 1, "precision": "32-true"}}}
+    first = ensure_stage("clip", cfg, tmp_path)["clip"]
+    clip_dir = tmp_path / "clip"
+    metrics = json.loads((clip_dir / "metrics.json").read_text())
+    for k in ("zero_shot_color_acc", "zero_shot_shape_acc", "recall_at_1"):
+        assert 0.0 <= metrics[k] <= 1.0
+    assert metrics["num_retrieval_queries"] == 64 and metrics["train_steps"] == 2
+    assert len(json.loads((clip_dir / "loss_history.json").read_text())) >= 1
+    assert not list(clip_dir.glob("lightning-*"))  # resume state removed once complete
+    train = load_split_features(clip_dir, "train")
+    assert train.shape == (64, 64, 128)
+    again = ensure_stage("clip", cfg, tmp_path)["clip"]
+    assert again.skipped and again.key == first.key
+    cfg["clip"]["pool_grid"] = 4  # a changed config section changes the key
+    from blip3o_mini.artifacts import fingerprint, stage_complete
+    assert not stage_complete(clip_dir, fingerprint("clip", 1, 0, cfg["clip"], first.key))

@@ -29,10 +29,11 @@ class EvaluationConfig:
     decoder_guidance_scale: float = 1.5
     seed: int = 0
     grid_prompts: int = 12
+    prompts_per_tag: int | None = None  # None: all 54 of every tag (a smaller number for smoke tests)
 
 
 def evaluation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
-    from .evaluation import make_prompts, score_folder, write_geneval_folder
+    from .evaluation import TAGS, make_prompts, score_folder, write_geneval_folder
     from .evaluation.score import summarize
     from .pipeline import Blip3oMiniPipeline, SamplingConfig
 
@@ -56,6 +57,8 @@ def evaluation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
         return pipe([m["prompt"] for m in batch], generator=g).images
 
     prompts = make_prompts()
+    if ecfg.prompts_per_tag is not None:
+        prompts = [m for t in TAGS for m in [p for p in prompts if p["tag"] == t][:ecfg.prompts_per_tag]]
     folder = write_geneval_folder(out / "geneval", prompts, generate, ecfg.samples_per_prompt,
                                   ecfg.prompts_per_batch, ecfg.seed, overwrite=True)
     result = score_folder(folder)

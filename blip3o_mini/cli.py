@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "run": "run the whole toy pipeline (data -> CLIP -> understanding -> generation -> eval)",
     "data": "generate ShapesWorld splits (and optionally WebDataset shards)",
+    "generate": "generate an image from a text prompt with a trained pipeline",
     "geneval": "GenEval-mini: write prompts, render reference images, score an image folder",
     "describe": "parameter counts per component of a config's model (meta device, no download)",
     "extract": "write CLIP targets of WebDataset shards once, one .safetensors per shard (per rank)",

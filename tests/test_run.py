@@ -64,3 +64,13 @@ def test_rerun_reuses_every_stage(tiny_run):
     assert all(r.skipped for r in results.values())
     decoder_only = ensure_stage("decoder", load_config(cfg_path), out)
     assert set(decoder_only) == set(NEEDS["decoder"]) | {"decoder"}
+
+
+def test_generate_command_writes_a_png(tiny_run, tmp_path):
+    _, out = tiny_run
+    png = tmp_path / "x.png"
+    assert main(["generate", "a photo of a red circle", "-o", str(png), "--run-dir", str(out), "--steps", "2"]) == 0
+    from PIL import Image
+
+    assert Image.open(png).size == (64, 64)
+    assert main(["generate", "  ", "-o", str(png), "--run-dir", str(out)]) == 2  # one-line error

@@ -56,7 +56,7 @@ def test_condition_changes_the_image_for_the_same_noise():
 def test_null_condition_ignores_the_features_and_position_embedding_is_per_token():
     dec = tiny_decoder()
     keep = torch.zeros(2, dtype=torch.bool)
-    c1, c2 = dec.cond_embed(features(2, 0), keep), dec.cond_embed(features(2, 1), keep)
+    (c1, _), (c2, _) = dec.cond_embed(features(2, 0), keep), dec.cond_embed(features(2, 1), keep)
     assert torch.equal(c1, c2)  # null rows carry no feature content
     assert not torch.allclose(c1[:, 0], c1[:, 1])  # but every token knows its grid cell
 
@@ -74,14 +74,35 @@ def test_cfg_scale_one_equals_conditional_model():
     assert not torch.allclose(g3, cond, atol=1e-3)
 
 
+@pytest.mark.parametrize("prediction", ["sample", "velocity"])
+def test_sampler_with_an_oracle_network_lands_on_the_image(prediction, monkeypatch):
+    """A network that knows the clean image x_1 (or the exact flow) decodes it exactly in any
+    number of Euler steps: pins the sigma convention and the sample -> velocity conversion."""
+    dec = tiny_decoder(prediction=prediction)
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    x_1 = images_to_model(images)
+
+    def oracle(x_t, timesteps, feats, keep=None):
+        x = x_1.repeat(x_t.shape[0] // 2, 1, 1, 1)  # (B or 2B under CFG, 3, H, W)
+        if prediction == "sample":
+            return x
+        sigma = (timesteps / 1000)[:, None, None, None]
+        x_0 = (x_t - (1 - sigma) * x) / sigma
+        return x_0 - x
+
+    monkeypatch.setattr(dec, "forward", oracle)
+    for steps, scale in [(1, 1.0), (4, 1.0), (4, 3.0)]:
+        out = dec.decode(features(2, 0), steps, scale, generator=torch.Generator().manual_seed(0))
+        assert (out.int() - images.int()).abs().max() <= 1
+
+
 def test_training_noise_matches_the_diffusers_scheduler():
     dec = tiny_decoder()
     images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
     out = decoder_loss(dec, images, features(4, 0), generator=torch.Generator().manual_seed(0))
     # recover the noise from the target, re-noise with diffusers' forward process
     x_1 = images_to_model(images)
-    x_0 = out.v_target + x_1
-    expected = dec.scheduler.scale_noise(x_1, out.timesteps, x_0)
+    expected = dec.scheduler.scale_noise(x_1, out.timesteps, out.x_0)
     torch.testing.assert_close(out.x_t, expected, atol=1e-5, rtol=1e-5)
     assert ((out.sigma > 0) & (out.sigma <= 1)).all()
 
@@ -148,3 +169,21 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
                       features(3, 0), tmp_path)
     with pytest.raises(FileNotFoundError, match="decoder stage"):
         PixelDecoder.load(tmp_path / "missing")
+
+
+def test_reconstruction_metrics_perfect_and_wrong():
+    """evaluate_reconstruction: originals score 1.0 everywhere; shuffled decodes do not."""
+    import numpy as np
+
+    from blip3o_mini.data.world import render, sample_scene
+    from blip3o_mini.evaluation.reconstruction import evaluate_reconstruction
+
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng, allow_unseen=True) for _ in range(8)]
+    images = torch.stack([torch.from_numpy(np.asarray(render(s))).permute(2, 0, 1) for s in scenes])
+    perfect = evaluate_reconstruction(images, images, scenes)
+    assert perfect.geneval.overall == 1.0 and perfect.geneval_originals.overall == 1.0
+    assert all(v == 1.0 for v in perfect.agreement.values()) and perfect.center_error_px < 1.0
+    wrong = evaluate_reconstruction(images.roll(1, 0), images, scenes)
+    assert wrong.geneval.overall < 0.5 and wrong.psnr < perfect.psnr
+    assert wrong.metrics()["reconstruction_geneval_mini"] == wrong.geneval.overall

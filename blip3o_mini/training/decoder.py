@@ -2,10 +2,11 @@
 
 Mirrors how BLIP3-o's pixel decoder (Emu2's SDXL-based decoder) was trained: a diffusion model
 learns p(image | CLIP features of that image) on (image, feature) pairs, with 10% of the
-conditions dropped so classifier-free guidance works at sampling. The objective is rectified
-flow with diffusers' `FlowMatchEulerDiscreteScheduler` supplying the noise levels (the SD3
-recipe): pick a training timestep index, read its sigma, noise `x_sigma = (1 - sigma) x_1 +
-sigma x_0`, regress `x_0 - x_1`. The architecture lives in `blip3o_mini.decoder`; this file is
+conditions dropped so classifier-free guidance works at sampling. The path is rectified flow
+with diffusers' `FlowMatchEulerDiscreteScheduler` supplying the noise levels (the SD3 recipe):
+pick a training timestep index, read its sigma, noise `x_sigma = (1 - sigma) x_1 + sigma x_0`,
+and regress the UNet's prediction on its target: the clean image `x_1` (the default,
+`prediction="sample"`; the MSE is the velocity MSE weighted by sigma^2) or `x_0 - x_1`. The architecture lives in `blip3o_mini.decoder`; this file is
 the recipe (loss, optimiser, Lightning loop with resumable checkpoints).
 
 Shape glossary: B batch, N CLIP tokens (64), D feature width, H = W image side (64).
@@ -62,9 +63,10 @@ class DecoderLoss:
     loss: Tensor  # () MSE on the flow
     sigma: Tensor  # (B,) noise levels, 1 = pure noise
     timesteps: Tensor  # (B,) the scheduler's timesteps for those sigmas (what the UNet embeds)
+    x_0: Tensor  # (B, 3, H, W) the noise
     x_t: Tensor  # (B, 3, H, W)
-    v_pred: Tensor  # (B, 3, H, W) predicted x_0 - x_1
-    v_target: Tensor  # (B, 3, H, W)
+    pred: Tensor  # (B, 3, H, W) the UNet's x_1 (or x_0 - x_1) prediction
+    target: Tensor  # (B, 3, H, W)
     keep: Tensor  # (B,) bool: False = trained with the null condition
 
 
@@ -87,10 +89,10 @@ def decoder_loss(decoder: PixelDecoder, images: Tensor, features: Tensor, *, con
     s = sigma[:, None, None, None]
     x_t = (1 - s) * x_1 + s * x_0  # (B, 3, H, W) == sched.scale_noise(x_1, timesteps, x_0)
     keep = torch.rand(B, generator=generator).to(dev) >= cond_drop_prob  # (B,)
-    v_pred = decoder(x_t, timesteps, features, keep)  # (B, 3, H, W)
-    v_target = x_0 - x_1  # (B, 3, H, W) d x_sigma / d sigma
-    loss = F.mse_loss(v_pred.float(), v_target)
-    return DecoderLoss(loss, sigma, timesteps, x_t, v_pred, v_target, keep)
+    pred = decoder(x_t, timesteps, features, keep)  # (B, 3, H, W)
+    target = x_1 if decoder.cfg.prediction == "sample" else x_0 - x_1  # (B, 3, H, W)
+    loss = F.mse_loss(pred.float(), target)
+    return DecoderLoss(loss, sigma, timesteps, x_0, x_t, pred, target, keep)
 
 
 class DecoderModule(L.LightningModule):

@@ -20,10 +20,12 @@ D CLIP feature dim, H LM hidden size.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from .artifacts import atomic_write_json, load_tensors, save_tensors
@@ -41,7 +43,9 @@ class BackboneConfig:
     """Toy defaults; `vision_dim` and `num_image_tokens` follow the CLIP stage."""
 
     vision_dim: int = 128  # D: CLIP token width
-    num_image_tokens: int = 64  # N: CLIP tokens per image
+    num_image_tokens: int = 64  # N: CLIP tokens per image (a square grid)
+    merge_size: int = 1  # 2: merge 2x2 neighbouring tokens first (Qwen2.5-VL), N / 4 LM positions
+    input_norm: bool = False  # LayerNorm on the CLIP tokens first (Qwen2.5-VL's PatchMerger `ln_q`)
     lm_type: str = "qwen3"  # a transformers causal-LM model_type (qwen3, qwen2, llama, ...)
     hidden_size: int = 256
     num_layers: int = 4
@@ -53,16 +57,27 @@ class BackboneConfig:
 
 
 class Projector(nn.Module):
-    """LLaVA-1.5's modality projector: Linear -> GELU -> Linear, CLIP width D to LM width H."""
+    """LLaVA-1.5's modality projector: Linear -> GELU -> Linear, CLIP width D to LM width H.
 
-    def __init__(self, vision_dim: int, hidden_size: int):
+    With `merge_size` m > 1 and `input_norm` it is Qwen2.5-VL's `PatchMerger`: each token is
+    normalised, the m x m neighbouring tokens of the grid are concatenated, then the MLP; the LM
+    reads N / m^2 image positions."""
+
+    def __init__(self, vision_dim: int, hidden_size: int, merge_size: int = 1, input_norm: bool = False):
         super().__init__()
-        self.fc1 = nn.Linear(vision_dim, hidden_size)
+        self.merge_size = merge_size
+        self.norm = nn.LayerNorm(vision_dim) if input_norm else nn.Identity()
+        self.fc1 = nn.Linear(vision_dim * merge_size ** 2, hidden_size)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))  # (B, N, D) -> (B, N, H)
+        B, N, D = x.shape
+        m, G = self.merge_size, math.isqrt(N)
+        x = self.norm(x)  # (B, N, D)
+        if m > 1:  # (B, G*G, D) -> (B, (G/m)^2, m*m*D), neighbours side by side
+            x = rearrange(x, "b (h m1 w m2) d -> b (h w) (m1 m2 d)", h=G // m, m1=m, m2=m)
+        return self.fc2(self.act(self.fc1(x)))  # (B, N / m^2, H)
 
 
 def splice_image_embeds(text_embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
@@ -100,7 +115,12 @@ class ToyBackbone(Backbone):
         self.image_placeholder = fmt.image
         self.image_token_id = tokenizer.convert_tokens_to_ids(fmt.image)
         self.eos_token_id = tokenizer.convert_tokens_to_ids(fmt.end_of_turn)
-        self.projector = Projector(cfg.vision_dim, cfg.hidden_size)
+        grid = math.isqrt(cfg.num_image_tokens)
+        if grid * grid != cfg.num_image_tokens or grid % cfg.merge_size:
+            raise ValueError(f"num_image_tokens {cfg.num_image_tokens} must be a square grid whose side is a "
+                             f"multiple of merge_size {cfg.merge_size}")
+        self.num_placeholders = cfg.num_image_tokens // cfg.merge_size ** 2  # image positions in the LM
+        self.projector = Projector(cfg.vision_dim, cfg.hidden_size, cfg.merge_size, cfg.input_norm)
         self.lm = lm if lm is not None else build_lm(cfg, len(tokenizer), tokenizer.pad_token_id,
                                                      self.eos_token_id)
         if encoder is not None:
@@ -152,7 +172,7 @@ class ToyBackbone(Backbone):
         """Left-padded ids (B, T) + mask of the chat-formatted questions, image placeholders
         expanded to N tokens each."""
         texts = [expand_image_placeholders(generation_prompt(self.tokenizer, q, with_image),
-                                           self.image_placeholder, self.cfg.num_image_tokens)
+                                           self.image_placeholder, self.num_placeholders)
                  for q in questions]
         enc = self.tokenizer(texts, padding=True, padding_side="left", add_special_tokens=False,
                              return_tensors="pt")

@@ -166,3 +166,25 @@ def test_image_conversion(tmp_path):
         as_image_batch(torch.zeros(1, 3, 64, 64), 64)
     with pytest.raises(FileNotFoundError):
         load_image(tmp_path / "missing.png")
+
+
+def test_patch_merger_concatenates_2x2_neighbours():
+    from blip3o_mini.backbone import Projector
+
+    torch.manual_seed(0)
+    proj = Projector(vision_dim=3, hidden_size=8, merge_size=2)
+    x = torch.randn(2, 64, 3)  # an 8x8 grid of 3-dim tokens, row-major
+    grid = x.view(2, 8, 8, 3)
+    r, c = 1, 2  # merged token (1, 2) holds grid rows 2-3, columns 4-5
+    merged = torch.cat([grid[:, 2, 4], grid[:, 2, 5], grid[:, 3, 4], grid[:, 3, 5]], -1)  # (2, 12)
+    expected = proj.fc2(proj.act(proj.fc1(merged)))
+    torch.testing.assert_close(proj(x)[:, r * 4 + c], expected)
+    assert proj(x).shape == (2, 16, 8)
+    tok = build_tokenizer(shapesworld_texts(ROWS))
+    bb = ToyBackbone(BackboneConfig(vision_dim=3, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                    intermediate_size=64, merge_size=2), tok).eval()
+    batch = bb.prompt_batch(["what color is the circle?"])
+    assert int((batch["input_ids"] == bb.image_token_id).sum()) == 16
+    assert len(bb.answer_features(x, ["what?", "how many?"], 3)) == 2
+    with pytest.raises(ValueError, match="merge_size"):
+        ToyBackbone(BackboneConfig(vision_dim=3, merge_size=3), tok)

@@ -184,3 +184,35 @@ def test_training_smoke_loss_decreases(tmp_path):
     assert losses[-1] < losses[0] - 0.05, losses  # seeded and fp32: deterministic
     assert (tmp_path / "last.ckpt").exists()
     assert not enc.training  # handed back in eval mode
+
+
+def test_hard_negative_swaps_one_shape_and_never_a_held_out_pair():
+    from blip3o_mini.data.text import parse_caption
+    from blip3o_mini.data.world import HELD_OUT
+    from blip3o_mini.training.clip import swap_shape
+
+    g = torch.Generator().manual_seed(0)
+    for caption in ["a red circle and a blue square", "a photo of two green triangles",
+                    "a photo of a circle", "an orange square below a purple circle"]:
+        for _ in range(20):
+            neg = swap_shape(caption, g)
+            before, after = parse_caption(caption), parse_caption(neg)
+            assert neg != caption and sum(before.values()) == sum(after.values())
+            assert sum((before - after).values()) == sum((after - before).values()) in (1, 2, 3)
+            assert not any(key in HELD_OUT for key in after)
+
+
+def test_contrastive_loss_is_open_clip_clip_loss_plus_negatives():
+    from open_clip import ClipLoss
+
+    from blip3o_mini.training.clip import ClipModule, ClipTrainConfig
+
+    module = ClipModule.__new__(ClipModule)
+    torch.nn.Module.__init__(module)
+    module.loss_fn = ClipLoss()
+    img, txt, neg = (torch.nn.functional.normalize(torch.randn(8, 16), dim=-1) for _ in range(3))
+    torch.testing.assert_close(module.contrastive_loss(img, txt, 10.0), ClipLoss()(img, txt, 10.0))
+    with_neg = module.contrastive_loss(img, torch.cat([txt, neg]), 10.0)
+    # extra negatives can only make the image -> text task harder
+    assert with_neg > ClipLoss()(img, txt, 10.0)
+    assert ClipTrainConfig().hard_negatives

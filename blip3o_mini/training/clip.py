@@ -16,15 +16,18 @@ Shape glossary: B batch, H = W image side (64), T text tokens (32), E embedding 
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from open_clip import ClipLoss
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.world import COLORS, HELD_OUT, SHAPES
 from ..vision import ClipEncoder
 
 MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learnable temperature here
@@ -42,6 +45,23 @@ class ClipTrainConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 50
+    hard_negatives: bool = True  # add one shape-swapped caption per sample as an extra negative
+
+
+_SHAPE_PHRASE = re.compile(r"\b(?:(" + "|".join(COLORS) + r") )?(" + "|".join(SHAPES) + r")(s?)\b")
+
+
+def swap_shape(caption: str, generator: torch.Generator | None = None) -> str:
+    """A hard negative: the caption with one object's shape changed ("a red circle and a blue
+    square" -> "a red triangle and a blue square"), never into a held-out composition."""
+    phrases = list(_SHAPE_PHRASE.finditer(caption))
+    if not phrases:
+        return caption
+    m = phrases[int(torch.randint(len(phrases), (), generator=generator))]
+    color, shape, plural = m.group(1), m.group(2), m.group(3)
+    options = [s for s in SHAPES if s != shape and (color, s) not in HELD_OUT]
+    new = options[int(torch.randint(len(options), (), generator=generator))]
+    return caption[:m.start(2)] + new + plural + caption[m.end(3):]
 
 
 class CaptionPairs(Dataset):
@@ -69,13 +89,23 @@ class ClipModule(L.LightningModule):
         self.loss_fn = ClipLoss()
         self.loss_history: list[tuple[int, float]] = []  # (step, loss), kept in the checkpoint
 
+    def contrastive_loss(self, image_emb, text_emb, scale):
+        """open_clip's ClipLoss; with hard negatives (text_emb rows B..2B, NegCLIP, Yuksekgonul
+        et al. 2023) images also rank them, while each caption still ranks only the B images."""
+        B = len(image_emb)
+        if len(text_emb) == B:
+            return self.loss_fn(image_emb, text_emb, scale)
+        logits_per_image, logits_per_text = self.loss_fn.get_logits(image_emb, text_emb, scale)  # (B, 2B), (2B, B)
+        labels = torch.arange(B, device=image_emb.device)
+        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text[:B], labels)) / 2
+
     def training_step(self, batch, batch_idx):
-        images, ids = batch  # (B, 3, H, W) uint8, (B, T)
+        images, ids = batch  # (B, 3, H, W) uint8, (B or 2B, T): captions, then hard negatives
         model = self.encoder.model
         image_emb = model.encode_image(self.encoder.preprocess(images), normalize=True)  # (B, E)
-        text_emb = model.encode_text(ids, normalize=True)  # (B, E)
+        text_emb = model.encode_text(ids, normalize=True)  # (B or 2B, E)
         with torch.autocast(self.device.type, enabled=False):  # logits x100: keep them in fp32
-            loss = self.loss_fn(image_emb.float(), text_emb.float(), model.logit_scale.exp().float())
+            loss = self.contrastive_loss(image_emb.float(), text_emb.float(), model.logit_scale.exp().float())
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/logit_scale", model.logit_scale.exp().detach())
         if self.global_step % self.cfg.log_every == 0 or self.global_step == self.cfg.max_steps - 1:
@@ -129,9 +159,15 @@ def train_clip(encoder: ClipEncoder, images: torch.Tensor, captions: list[list[s
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     L.seed_everything(cfg.seed, verbose=False)
+
+    def collate(batch):
+        texts = [c for _, c in batch]
+        if cfg.hard_negatives:
+            texts += [swap_shape(c) for c in texts]
+        return torch.stack([x for x, _ in batch]), encoder.tokenize(texts)  # (B, 3, H, W), (B or 2B, T)
+
     data = DataLoader(CaptionPairs(images, captions), batch_size=cfg.batch_size, shuffle=True,
-                      drop_last=True, collate_fn=lambda b: (torch.stack([x for x, _ in b]),
-                                                            encoder.tokenize([c for _, c in b])))
+                      drop_last=True, collate_fn=collate)
     module = ClipModule(encoder, cfg)
     ckpt_dir = Path(ckpt_dir)
     last = ckpt_dir / "last.ckpt"

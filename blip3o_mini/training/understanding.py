@@ -45,6 +45,7 @@ class UnderstandingTrainConfig:
     strategy: str = "auto"
     seed: int = 0
     log_every: int = 10
+    print_every: int = 100  # a progress line (step, loss, seconds); 0: silent
     checkpoint_every: int = 50
 
 
@@ -104,6 +105,7 @@ class UnderstandingModule(L.LightningModule):
         super().__init__()
         self.backbone, self.cfg = backbone, cfg
         self.loss_history: list[tuple[int, float]] = []  # (step, loss), kept in the checkpoint
+        self.started = time.perf_counter()
 
     def loss(self, batch: dict) -> torch.Tensor:
         mask = packed_attention_mask(batch["segments"])  # (B, 1, T, T)
@@ -116,6 +118,9 @@ class UnderstandingModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         if self.global_step % self.cfg.log_every == 0 or self.global_step == self.cfg.max_steps - 1:
             self.loss_history.append((int(self.global_step), float(loss.detach())))
+        if self.cfg.print_every and (self.global_step + 1) % self.cfg.print_every == 0:
+            print(f"step {self.global_step + 1}/{self.cfg.max_steps}  loss {float(loss):.4f}  "
+                  f"{time.perf_counter() - self.started:.0f} s", flush=True)
         return loss
 
     def configure_optimizers(self):
@@ -151,7 +156,7 @@ def train_understanding(backbone: ToyBackbone, features: torch.Tensor, rows: lis
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     L.seed_everything(cfg.seed, verbose=False)
-    data = PackedConversations(features, rows, Packer(backbone.tokenizer, backbone.cfg.num_image_tokens))
+    data = PackedConversations(features, rows, Packer(backbone.tokenizer, backbone.num_placeholders))
     pad_id = backbone.tokenizer.pad_token_id
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                         collate_fn=lambda b: collate(b, pad_id))

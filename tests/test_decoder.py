@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from blip3o_mini.decoder import DecoderConfig, PixelDecoder, images_to_model, model_to_images
-from blip3o_mini.training.decoder import DecoderTrainConfig, decoder_loss, train_decoder
+from blip3o_mini.training.decoder import DecoderModule, DecoderTrainConfig, decoder_loss, train_decoder
 
 D = 16  # feature width of the tiny test decoder
 
@@ -141,13 +141,25 @@ def test_save_load_round_trip_gives_identical_decodes(tmp_path):
 def test_resume_continues_from_the_checkpoint(tmp_path):
     images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
     feats = features(8, 0)
-    cfg = DecoderTrainConfig(batch_size=4, max_steps=4, checkpoint_every=2, log_every=2)
+    cfg = DecoderTrainConfig(batch_size=4, max_steps=4, checkpoint_every=2, log_every=2, ema_decay=0.9)
     first = train_decoder(tiny_cfg(), cfg, images, feats, tmp_path)
     assert (tmp_path / "last.ckpt").exists() and first.resumed_from_step == 0
-    longer = DecoderTrainConfig(batch_size=4, max_steps=6, checkpoint_every=2, log_every=2)
+    longer = DecoderTrainConfig(batch_size=4, max_steps=6, checkpoint_every=2, log_every=2, ema_decay=0.9)
     again = train_decoder(tiny_cfg(), longer, images, feats, tmp_path)
     assert again.resumed_from_step == 4
     assert [s for s, _ in again.loss_curve] == [2, 4, 6]  # the curve survives the restart
+
+
+def test_ema_follows_the_weights_and_is_exported():
+    module = DecoderModule(tiny_cfg(), DecoderTrainConfig(ema_decay=0.99))
+    p, e = next(module.decoder.parameters()), next(module.ema.parameters())
+    before = e.clone()
+    with torch.no_grad():
+        p.add_(1.0)
+    module.on_train_batch_end(None, None, 0)  # step 0: warm-up decay min(0.99, 1/10) = 0.1
+    torch.testing.assert_close(e, before + 0.9)
+    assert module.exported() is module.ema
+    assert DecoderModule(tiny_cfg(), DecoderTrainConfig()).ema is None
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path):

@@ -14,6 +14,7 @@ Shape glossary: B batch, N CLIP tokens (64), D feature width, H = W image side (
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..decoder import DecoderConfig, PixelDecoder, images_to_model
+from .distributed import TrainerConfig, check_global_batch, make_trainer
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 
@@ -41,12 +43,10 @@ class DecoderTrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     cond_drop_prob: float = 0.1  # BLIP3-o: 10% null conditions for CFG
+    ema_decay: float = 0.0  # > 0: export an exponential moving average of the weights
     time_sampling: str = "uniform"  # or "logit_normal" (SD3)
     normalize_features: bool = True  # per-dim mean/std of the training features
-    precision: str = "32-true"  # "bf16-mixed" on GPUs; never fp16 on CPU
-    accelerator: str = "auto"
-    devices: int | str = 1
-    strategy: str = "auto"
+    precision: str = "32-true"  # used unless the config's trainer: section sets one; never fp16
     checkpoint_every: int = 50
     log_every: int = 50
     seed: int = 0
@@ -103,6 +103,8 @@ class DecoderModule(L.LightningModule):
         super().__init__()
         self.decoder = PixelDecoder(model_cfg)
         self.train_cfg = train_cfg
+        # the EMA copy lives in the module, so Lightning checkpoints (and resumes) it too
+        self.ema = copy.deepcopy(self.decoder).requires_grad_(False) if train_cfg.ema_decay > 0 else None
         self.loss_curve: list[tuple[int, float]] = []  # (step, mean loss since the last entry)
         self._window: list[float] = []
 
@@ -116,6 +118,21 @@ class DecoderModule(L.LightningModule):
             self._window = []
         self.log("train/loss", out.loss, prog_bar=True)
         return out.loss
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema is None:
+            return
+        step = self.global_step
+        decay = min(self.train_cfg.ema_decay, (1 + step) / (10 + step))  # short warm-up
+        for e, p in zip(self.ema.parameters(), self.decoder.parameters()):
+            e.lerp_(p, 1 - decay)
+        for e, b in zip(self.ema.buffers(), self.decoder.buffers()):
+            e.copy_(b)
+
+    def exported(self) -> PixelDecoder:
+        """The weights a stage saves: the EMA when one is kept."""
+        return self.ema if self.ema is not None else self.decoder
 
     def configure_optimizers(self):
         c = self.train_cfg
@@ -177,40 +194,45 @@ def feature_stats(features: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def train_decoder(model_cfg: DecoderConfig, train_cfg: DecoderTrainConfig, images: Tensor, features: Tensor,
-                  ckpt_dir: str | Path, stats: tuple[Tensor, Tensor] | None = None) -> TrainResult:
+                  ckpt_dir: str | Path, stats: tuple[Tensor, Tensor] | None = None,
+                  trainer: TrainerConfig | None = None) -> TrainResult:
     """Train (or resume from `ckpt_dir/last.ckpt`) on uint8 images (M, 3, H, W) and their CLIP
-    tokens (M, N, D); `stats` = per-dim (mean, std) for normalisation (computed if None)."""
+    tokens (M, N, D); `stats` = per-dim (mean, std) for normalisation (computed if None).
+    `trainer` (the config's `trainer:` section) sets devices, nodes and strategy; the data is
+    sharded across ranks by `data.sharding`, so a multi-GPU run is configuration only."""
     if images.shape[0] != features.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {features.shape[0]} feature rows; both must "
                          "come from the same split in the same order")
     if images.shape[0] < train_cfg.batch_size:
         raise ValueError(f"{images.shape[0]} training images is fewer than batch_size {train_cfg.batch_size}")
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import TensorDataset
+
+    from ..data.sharding import ShardedDataModule
 
     L.seed_everything(train_cfg.seed, verbose=False)
     module = DecoderModule(model_cfg, train_cfg)
     module.decoder.check_features(features[:1])
     if train_cfg.normalize_features:
         mean, std = stats if stats is not None else feature_stats(features)
-        module.decoder.cond_embed.set_feature_stats(mean, std)
-    loader = DataLoader(TensorDataset(images, features.float()), batch_size=train_cfg.batch_size,
-                        shuffle=True, drop_last=True, num_workers=0)
+        for m in filter(None, (module.decoder, module.ema)):
+            m.cond_embed.set_feature_stats(mean, std)
+    tc = trainer or TrainerConfig(precision=train_cfg.precision)
+    check_global_batch(tc, train_cfg.batch_size)
+    data = ShardedDataModule(TensorDataset(images, features.float()), train_cfg.batch_size,
+                             seed=train_cfg.seed, drop_last=True)
     ckpt_dir = Path(ckpt_dir)
     last = ckpt_dir / "last.ckpt"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=train_cfg.checkpoint_every)
     progress = _Throughput(train_cfg.log_every)
-    trainer = L.Trainer(max_steps=train_cfg.max_steps, precision=train_cfg.precision,
-                        accelerator=train_cfg.accelerator, devices=train_cfg.devices,
-                        strategy=train_cfg.strategy, gradient_clip_val=train_cfg.grad_clip,
-                        callbacks=[checkpoint, progress], logger=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=ckpt_dir, num_sanity_val_steps=0)
+    fit = make_trainer(tc, max_steps=train_cfg.max_steps, gradient_clip_val=train_cfg.grad_clip,
+                       callbacks=[checkpoint, progress], logger=False, enable_progress_bar=False,
+                       enable_model_summary=False, default_root_dir=ckpt_dir, num_sanity_val_steps=0)
     t0 = time.perf_counter()
-    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
+    fit.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
     seconds = time.perf_counter() - t0
     resumed = progress.start_step
-    steps_run = max(1, trainer.global_step - resumed)
-    decoder = module.decoder.cpu().eval()
+    steps_run = max(1, fit.global_step - resumed)
+    decoder = module.exported().cpu().eval()
     return TrainResult(decoder, module.loss_curve, seconds, steps_run * train_cfg.batch_size / seconds, resumed)

@@ -10,8 +10,10 @@ Choices, and why:
 - **Pixel space, no VAE.** At 64x64 an image is 12,288 numbers, fewer than SDXL's 128x128x4
   latents; a VAE would be one more model to train and would smear the exact palette colours
   the GenEval-mini detector reads. The only compression is a lossless space-to-depth
-  (`pixel_unshuffle` by `space_to_depth`): 2x2 pixel blocks become 12 channels at 32x32, which
-  cuts the UNet's cost 4x on a CPU and loses nothing (`pixel_shuffle` inverts it exactly).
+  (`pixel_unshuffle` by `space_to_depth`, as a ViT's patchify): 4x4 pixel blocks become 48
+  channels at 16x16 and `pixel_shuffle` inverts it exactly. Measured on 2 CPU cores, one
+  training step of batch 32 for the same (32, 64, 128) UNet: 8.8 img/s at 64x64, 43 img/s at
+  32x32 (2x2 blocks); the toy (64, 128, 128) UNet at 16x16 runs ~90 img/s.
 - **Flow matching through diffusers' `FlowMatchEulerDiscreteScheduler`**: the same rectified
   flow path as the DiT (`flow.py`), in diffusers' time: `sigma = 1 - t` (sigma = 1 is noise),
   `x_sigma = (1 - sigma) * x_1 + sigma * x_0`; the scheduler integrates the velocity
@@ -65,8 +67,8 @@ class DecoderConfig:
     feature_dim: int = 128  # D: width of a CLIP token
     num_tokens: int = 64  # N: CLIP tokens per image, a square grid
     image_size: int = 64  # H = W
-    space_to_depth: int = 2  # S: lossless pixel_unshuffle before the UNet (1 = off)
-    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    space_to_depth: int = 4  # S: lossless pixel_unshuffle before the UNet (1 = off)
+    block_out_channels: tuple[int, ...] = (64, 128, 128)
     layers_per_block: int = 1
     num_attention_levels: int = 1  # cross-attention in this many lowest-resolution levels (+ mid)
     cross_attention_dim: int = 128  # C
@@ -76,7 +78,7 @@ class DecoderConfig:
     shift: float = 1.0  # diffusers' sigma shift; > 1 spends more steps at high noise
     prediction: str = "sample"  # UNet output: "sample" (clean image x_1) or "velocity" (x_0 - x_1)
     coord_channels: bool = True  # give the UNet its (x, y) so cross-attention can route by place
-    spatial_channels: int = 0  # > 0: also paste the tokens, projected, onto their grid cells
+    spatial_channels: int = 16  # > 0: also paste the tokens, projected, onto their grid cells
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)

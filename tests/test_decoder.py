@@ -10,8 +10,8 @@ D = 16  # feature width of the tiny test decoder
 
 
 def tiny_cfg(**kw) -> DecoderConfig:
-    base = dict(feature_dim=D, image_size=16, block_out_channels=(8, 16), cross_attention_dim=16,
-                attention_head_dim=8, norm_num_groups=4)
+    base = dict(feature_dim=D, image_size=16, space_to_depth=2, block_out_channels=(8, 16),
+                cross_attention_dim=16, attention_head_dim=8, norm_num_groups=4, spatial_channels=4)
     return DecoderConfig(**(base | kw))
 
 
@@ -56,8 +56,9 @@ def test_condition_changes_the_image_for_the_same_noise():
 def test_null_condition_ignores_the_features_and_position_embedding_is_per_token():
     dec = tiny_decoder()
     keep = torch.zeros(2, dtype=torch.bool)
-    (c1, _), (c2, _) = dec.cond_embed(features(2, 0), keep), dec.cond_embed(features(2, 1), keep)
-    assert torch.equal(c1, c2)  # null rows carry no feature content
+    (c1, g1), (c2, g2) = dec.cond_embed(features(2, 0), keep), dec.cond_embed(features(2, 1), keep)
+    assert torch.equal(c1, c2) and torch.equal(g1, g2)  # null rows carry no feature content
+    assert g1.shape == (2, 4, 8, 8)  # the token grid pasted onto the image
     assert not torch.allclose(c1[:, 0], c1[:, 1])  # but every token knows its grid cell
 
 
@@ -159,7 +160,7 @@ def test_ema_follows_the_weights_and_is_exported():
     module.on_train_batch_end(None, None, 0)  # step 0: warm-up decay min(0.99, 1/10) = 0.1
     torch.testing.assert_close(e, before + 0.9)
     assert module.exported() is module.ema
-    assert DecoderModule(tiny_cfg(), DecoderTrainConfig()).ema is None
+    assert DecoderModule(tiny_cfg(), DecoderTrainConfig(ema_decay=0.0)).ema is None
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path):

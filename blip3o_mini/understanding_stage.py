@@ -26,7 +26,7 @@ from .artifacts import atomic_write_json, fingerprint, mark_complete, stage_comp
 from .backbone import BackboneConfig, ToyBackbone
 from .config import build
 from .run import StageResult
-from .training.understanding import UnderstandingTrainConfig
+from .training.understanding import UnderstandingTrainConfig, torch_threads
 
 UNDERSTANDING_STAGE_VERSION = 1  # bump when this stage's outputs change meaning
 BACKBONE_DIR = "backbone"
@@ -96,8 +96,9 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
                     "tokens_per_second": round(result.steps * train_cfg.batch_size
                                                * result.extra["tokens_per_row"] / max(result.seconds, 1e-9)),
                     "final_loss": result.loss_history[-1][1] if result.loss_history else None} | result.extra
-    res = vqa_accuracy(backbone, ds["val"], batch_size=eval_cfg.batch_size, max_scenes=eval_cfg.max_scenes,
-                       captions=eval_cfg.captions)
+    with torch_threads(train_cfg.num_threads):
+        res = vqa_accuracy(backbone, ds["val"], batch_size=eval_cfg.batch_size, max_scenes=eval_cfg.max_scenes,
+                           captions=eval_cfg.captions)
     print(res.table())
     metrics |= res.to_metrics()
     atomic_write_json(out / "mistakes.json", res.mistakes)
@@ -155,8 +156,10 @@ def evaluate_stage_vqa(backbone, run_dir: str | Path) -> float:
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "understanding" / "config.json").read_text())["understanding"]
     ecfg = build(UnderstandingEvalConfig, config.get("eval"))
+    threads = build(UnderstandingTrainConfig, config.get("train")).num_threads
     ds = datasets.load_from_disk(str(run_dir / "data" / "shapesworld"))
-    return vqa_accuracy(backbone, ds["val"], batch_size=ecfg.batch_size, max_scenes=ecfg.max_scenes).vqa_accuracy
+    with torch_threads(threads):
+        return vqa_accuracy(backbone, ds["val"], batch_size=ecfg.batch_size, max_scenes=ecfg.max_scenes).vqa_accuracy
 
 
 def answer(image, question: str, run_dir: str | Path | None = None, backbone=None,

@@ -103,7 +103,7 @@ def _summary(m: dict) -> str:
     trained = (f"trained {m['train_steps']} steps in {m['train_seconds']:.0f} s, final loss "
                f"{m['final_loss']:.3f}; ") if m.get("train_steps") else ""
     return (f"CLIP: {trained}zero_shot_color_acc {m['zero_shot_color_acc']:.3f}, zero_shot_shape_acc "
-            f"{m['zero_shot_shape_acc']:.3f} (n={m['num_single_object']}), recall_at_1 "
+            f"{m['zero_shot_shape_acc']:.3f} (seen compositions, n={m['num_single_object']}), recall_at_1 "
             f"{m['recall_at_1']:.3f} (among 64, {m['num_retrieval_queries']} queries); unseen "
             f"compositions: colour {m['zero_shot_color_acc_unseen']:.3f}, shape "
             f"{m['zero_shot_shape_acc_unseen']:.3f} (n={m['num_unseen_single_object']}); features "

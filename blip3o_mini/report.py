@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-CLIP_KEYS = ("zero_shot_color_acc", "zero_shot_shape_acc", "recall_at_1")
+CLIP_KEYS = ("zero_shot_color_acc", "zero_shot_shape_acc", "zero_shot_color_acc_unseen",
+             "zero_shot_shape_acc_unseen", "recall_at_1")  # accuracies: seen compositions, then unseen
 
 
 def build_report(metrics: dict[str, dict], timings: dict[str, float], total: float) -> dict[str, Any]:

@@ -50,7 +50,8 @@ def test_report_has_the_promised_keys(tiny_run):
     report = json.loads((out / "report.json").read_text())
     assert {"overall", "seen", "unseen", "single_object", "position"} <= set(report["geneval_mini"])
     assert "reconstruction_geneval_mini" in report
-    assert set(report["clip"]) == {"zero_shot_color_acc", "zero_shot_shape_acc", "recall_at_1"}
+    assert set(report["clip"]) == {"zero_shot_color_acc", "zero_shot_shape_acc", "zero_shot_color_acc_unseen",
+                                   "zero_shot_shape_acc_unseen", "recall_at_1"}
     # Understanding is preserved exactly: the frozen backbone answers as before stage 2.
     assert report["vqa"]["accuracy_after"] == report["vqa"]["accuracy_before"]
     assert report["vqa"]["backbone_unchanged"] is True

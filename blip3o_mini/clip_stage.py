@@ -27,6 +27,7 @@ from .config import build
 from .features import ENCODER_DIR, FEATURES_DIR, extract_features, measure_stats, write_cache
 from .run import StageResult
 from .training.clip import ClipTrainConfig, train_clip
+from .training.distributed import stage_trainer_config
 from .vision import ClipConfig, ClipEncoder
 
 CLIP_STAGE_VERSION = 1  # bump when this stage's outputs change meaning
@@ -65,7 +66,8 @@ def clip_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
         for stale in out.glob("lightning-*"):
             if stale != ckpt_dir:
                 shutil.rmtree(stale, ignore_errors=True)
-        result = train_clip(encoder, train_images, ds["train"]["captions"], train_cfg, ckpt_dir)
+        result = train_clip(encoder, train_images, ds["train"]["captions"], train_cfg, ckpt_dir,
+                            trainer=stage_trainer_config(cfg, train_cfg.precision))
         atomic_write_json(out / "loss_history.json", result.loss_history)
         metrics |= {"train_steps": result.steps, "train_seconds": round(result.seconds, 1),
                     "resumed_from_step": result.resumed_from,

@@ -26,6 +26,7 @@ from .artifacts import atomic_write_json, fingerprint, mark_complete, stage_comp
 from .backbone import BackboneConfig, ToyBackbone
 from .config import build
 from .run import StageResult
+from .training.distributed import stage_trainer_config
 from .training.understanding import UnderstandingTrainConfig, torch_threads
 
 UNDERSTANDING_STAGE_VERSION = 1  # bump when this stage's outputs change meaning
@@ -86,7 +87,8 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
         for stale in out.glob("lightning-*"):
             if stale != ckpt_dir:
                 shutil.rmtree(stale, ignore_errors=True)
-        result = train_understanding(backbone, features, train_rows, train_cfg, ckpt_dir)
+        result = train_understanding(backbone, features, train_rows, train_cfg, ckpt_dir,
+                                     trainer=stage_trainer_config(cfg, train_cfg.precision))
         atomic_write_json(out / "loss_history.json", result.loss_history)
         backbone.save(out / BACKBONE_DIR)
         backbone.encoder = load_encoder(clip.path).requires_grad_(False).eval()

@@ -153,7 +153,8 @@ class TrainResult:
 
 
 def train_clip(encoder: ClipEncoder, images: torch.Tensor, captions: list[list[str]], cfg: ClipTrainConfig,
-               ckpt_dir: str | Path, trainer: TrainerConfig | None = None, callbacks: list | None = None) -> TrainResult:
+               ckpt_dir: str | Path, trainer: TrainerConfig | None = None,
+               callbacks: list | None = None) -> TrainResult:
     """Train `encoder` in place on uint8 images (N, 3, H, W) and their caption paraphrases;
     resume from `ckpt_dir/last.ckpt` when an earlier run was interrupted. Extra Lightning
     `callbacks` (e.g. a live loss plot) see `module.loss_history` grow. `trainer` (the config's

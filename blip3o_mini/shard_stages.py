@@ -5,7 +5,8 @@ BLIP3-o's stage 2 (DESIGN.md section 1) reads image-caption tar shards, takes it
 64 queries and the DiT. So on shards the stages before generation check and record rather than
 train:
 
-    data           index the shards: samples per shard, every sample has a caption
+    data           index the shards: samples per shard, every sample has a caption (rank 0
+                   of a launched job; the other ranks wait for its index)
     clip           no training: the targets come from `blip3o-mini extract` (`data.targets:
                    features`, checked complete and made by this config's encoder) or from the
                    pretrained encoder inside every step (`targets: images`)
@@ -78,6 +79,7 @@ def index_shard(shard: str, caption_key: str = "txt", image_keys=("jpg", "jpeg",
 
 def data_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     from .data.webdataset import resolve_shards
+    from .extract import rank_and_world
 
     section = cfg["data"]
     shards = resolve_shards(section["shards"])
@@ -85,6 +87,8 @@ def data_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     files = [(s, Path(s).stat().st_size, Path(s).stat().st_mtime_ns) if s in local else (s,) for s in shards]
     key = fingerprint("data-shards", DATA_VERSION, SHARD_STAGE_VERSION, section, files)
     out = Path(run_dir) / "data"
+    if rank_and_world()[0] != 0:  # a launched job: rank 0 indexes, the other ranks wait for it
+        wait_for_stage(out, key)
     if stage_complete(out, key):
         metrics = json.loads((out / "metrics.json").read_text())
         print(_data_summary(metrics))
@@ -100,6 +104,15 @@ def data_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     atomic_write_json(out / "metrics.json", metrics)
     mark_complete(out, key, metrics=metrics)
     return StageResult("data", key, out, False, metrics)
+
+
+def wait_for_stage(out: Path, key: str, poll_s: float = 5.0) -> None:
+    """Block until another process marks the stage complete (torchrun and srun stop every rank
+    when one fails, so a failed rank 0 does not leave the others waiting)."""
+    import time
+
+    while not stage_complete(out, key):
+        time.sleep(poll_s)
 
 
 def _data_summary(m: dict) -> str:
@@ -232,11 +245,14 @@ class ShardTargets:
 
 def shard_targets(cfg: dict, run_dir: Path, upstream: dict) -> ShardTargets:
     """`data.targets: features` -> the extracted files; `images` -> the tar stream + the encoder."""
+    from .data.webdataset import resolve_shards
+    from .extract import output_names
     from .targets import ShardFeatureDataset, ShardImageStream
 
     clip = upstream["clip"].metrics
-    if clip["targets"] == "features":
-        data = ShardFeatureDataset(features_dir(cfg, run_dir))
+    if clip["targets"] == "features":  # this config's shards' files, in shard order
+        names = output_names(resolve_shards(cfg["data"]["shards"]))
+        data = ShardFeatureDataset([features_dir(cfg, run_dir) / name for name in names.values()])
         return ShardTargets(data, clip["feature_dim"], None, len(data))
     encoder = target_encoder(cfg)
     stream = ShardImageStream(cfg["data"]["shards"], encoder.image_size[0])

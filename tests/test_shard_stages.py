@@ -76,6 +76,8 @@ def metrics(out: Path, stage: str) -> dict:
 
 def test_features_run_needs_extraction_then_trains_from_it(parts, capsys):
     from blip3o_mini.generation_stage import load_generator
+    from blip3o_mini.shard_stages import ShardTargets, measure_target_stats, shard_targets
+    from blip3o_mini.targets import ShardImageStream
 
     root, eva = parts
     config, out = tiny_config(root, "features"), root / "run-features"
@@ -102,7 +104,13 @@ def test_features_run_needs_extraction_then_trains_from_it(parts, capsys):
     assert set(report["timings_s"]) == set(FULL_STAGES)  # decoder and evaluation are not full-run stages
 
     cfg = load_config(config)
-    assert all(r.skipped for r in ensure_stage("generation", cfg, out).values())  # a re-run reuses all
+    upstream = ensure_stage("generation", cfg, out)
+    assert all(r.skipped for r in upstream.values())  # a re-run reuses every stage
+    # both target paths give the same targets: extracted files == images through the encoder
+    from_files = measure_target_stats(shard_targets(cfg, out, upstream))
+    stream = ShardTargets(ShardImageStream(cfg["data"]["shards"], 224), eva.feature_dim, eva)
+    for a, b in zip(from_files, measure_target_stats(stream)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     cfg["clip"]["pool_grid"] = 4  # features extracted with another grid are refused
     with pytest.raises(ValueError, match="clip.pool_grid=8 but the config says 4"):
         ensure_stage("clip", cfg, root / "run-other-grid")
@@ -118,13 +126,20 @@ def test_images_run_encodes_with_the_pretrained_clip_every_step(parts):
     assert gen["backbone_unchanged"]
 
 
-def test_data_stage_indexes_and_validates_shards(parts, tmp_path):
+def test_data_stage_indexes_and_validates_shards(parts, tmp_path, monkeypatch):
     import io
     import tarfile
 
     from blip3o_mini.shard_stages import index_shard
 
     root, _ = parts
+    cfg = load_config(tiny_config(root, "features")) | {"stages": ["data"]}
+    first = ensure_stage("data", cfg, tmp_path / "ok")["data"]
+    monkeypatch.setenv("RANK", "1")  # another rank of a launched job reuses rank 0's index
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert ensure_stage("data", cfg, tmp_path / "ok")["data"].skipped and first.metrics["num_samples"] == 8
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
     full = (root / "shards" / "train-000000.tar").read_bytes()
     (tmp_path / "cut.tar").write_bytes(full[: len(full) // 2])  # a shard cut mid-way
     cut = index_shard(str(tmp_path / "cut.tar"))
@@ -133,7 +148,6 @@ def test_data_stage_indexes_and_validates_shards(parts, tmp_path):
         info = tarfile.TarInfo("scene_7.jpg")
         info.size = 3
         tar.addfile(info, io.BytesIO(b"abc"))
-    cfg = load_config(tiny_config(root, "features")) | {"stages": ["data"]}
     cfg["data"] = cfg["data"] | {"shards": [str(root / "shards" / "*.tar"), str(tmp_path / "bad.tar")]}
     with pytest.raises(ValueError, match="sample 'scene_7' has no caption member 'scene_7.txt'"):
         ensure_stage("data", cfg, tmp_path / "run")

@@ -12,7 +12,7 @@ import sys
 
 # name -> one-line help; the module blip3o_mini.commands.<name> implements it.
 COMMANDS = {
-    "run": "run the whole toy pipeline (data -> CLIP -> understanding -> generation -> eval)",
+    "run": "run the pipeline's stages (toy: data -> CLIP -> understanding -> generation -> eval)",
     "data": "generate ShapesWorld splits (and optionally WebDataset shards)",
     "generate": "generate an image from a text prompt with a trained pipeline",
     "geneval": "GenEval-mini: write prompts, render reference images, score an image folder",

@@ -27,6 +27,7 @@ from .config import build
 from .features import ENCODER_DIR, FEATURES_DIR, extract_features, measure_stats, write_cache
 from .run import StageResult
 from .training.clip import ClipTrainConfig, train_clip
+from .training.distributed import stage_trainer_config
 from .vision import ClipConfig, ClipEncoder
 
 CLIP_STAGE_VERSION = 1  # bump when this stage's outputs change meaning
@@ -45,6 +46,10 @@ def clip_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     from .data.tensors import images_uint8
     from .evaluation.clip import evaluate_clip
 
+    from . import shard_stages
+
+    if shard_stages.uses_shards(cfg):  # pretrained encoder, targets extracted or encoded per step
+        return shard_stages.clip_stage(cfg, run_dir, upstream)
     section = cfg.get("clip", {})
     data = upstream["data"]
     key = fingerprint("clip", CLIP_STAGE_VERSION, cfg.get("seed", 0), section, data.key)
@@ -65,7 +70,8 @@ def clip_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
         for stale in out.glob("lightning-*"):
             if stale != ckpt_dir:
                 shutil.rmtree(stale, ignore_errors=True)
-        result = train_clip(encoder, train_images, ds["train"]["captions"], train_cfg, ckpt_dir)
+        result = train_clip(encoder, train_images, ds["train"]["captions"], train_cfg, ckpt_dir,
+                            trainer=stage_trainer_config(cfg, train_cfg.precision))
         atomic_write_json(out / "loss_history.json", result.loss_history)
         metrics |= {"train_steps": result.steps, "train_seconds": round(result.seconds, 1),
                     "resumed_from_step": result.resumed_from,

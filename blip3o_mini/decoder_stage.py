@@ -31,7 +31,7 @@ from .config import build
 from .decoder import DecoderConfig, PixelDecoder
 from .run import StageResult
 from .training.decoder import DecoderTrainConfig, train_decoder
-from .training.distributed import trainer_config
+from .training.distributed import stage_trainer_config
 
 DECODER_STAGE_VERSION = 1  # bump when this stage's outputs change meaning
 
@@ -113,9 +113,7 @@ def decoder_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     for stale in out.glob("lightning-*"):
         if stale != ckpt_dir:
             shutil.rmtree(stale, ignore_errors=True)
-    trainer = trainer_config(cfg)  # devices / nodes / strategy of the whole job
-    if "precision" not in (cfg.get("trainer") or {}):
-        trainer.precision = train_cfg.precision
+    trainer = stage_trainer_config(cfg, train_cfg.precision)  # devices / nodes / strategy of the whole job
     result = train_decoder(model_cfg, train_cfg, images_uint8(ds["train"]), train_feats, ckpt_dir,
                            stats=(stats.mean, stats.std), trainer=trainer)
 

@@ -13,7 +13,8 @@ paths), so ranks never read the same sample and every shard is done once. Each i
 gives one output file `OUT/<shard name>.safetensors` with
     tensors   features (n, 64, D)
     metadata  keys (JSON list, the samples' WebDataset keys, in shard order), captions (JSON
-              list), shard, encoder (the encoder's weights hash), num_skipped
+              list), shard, encoder (the encoder's weights hash), num_skipped, clip_config (JSON:
+              model_name, image_size, pool_grid, normalize_features; checked by the clip stage)
 written atomically, so a killed job leaves whole files only, and a re-run skips shards already
 done by the same encoder. Images are resized (shorter side, bicubic) and centre-cropped to the
 encoder's size, as CLIP preprocessing does; undecodable images are skipped and counted.
@@ -114,8 +115,10 @@ def extract_shard(encoder, shard: str, out_path: str | Path, *, batch_size: int 
     if pending:
         flush()
     feats = torch.cat(chunks) if chunks else torch.zeros(0, encoder.num_tokens, encoder.feature_dim, dtype=dtype)
+    settings = {k: getattr(encoder.cfg, k) for k in ("model_name", "pool_grid", "normalize_features")}
     meta = {"keys": json.dumps(keys), "captions": json.dumps(captions), "shard": Path(shard).name,
-            "encoder": encoder_hash or encoder.weights_hash(), "num_skipped": str(reader.stats.num_skipped)}
+            "encoder": encoder_hash or encoder.weights_hash(), "num_skipped": str(reader.stats.num_skipped),
+            "clip_config": json.dumps(settings | {"image_size": size})}
     save_tensors(out_path, {"features": feats.contiguous()}, metadata=meta)
     return ShardResult(shard, Path(out_path), len(keys), reader.stats.num_skipped, reused=False)
 

@@ -1,6 +1,8 @@
 """The "generation" stage (Stage 2): train the 64 queries and the NextDiT on the CLIP features of
 ShapesWorld images through the frozen understanding backbone, then check that understanding is
-untouched (backbone weights hash and VQA accuracy identical before and after).
+untouched (backbone weights hash and VQA accuracy identical before and after). On WebDataset
+shards (full configs) the same code trains on the targets `shard_stages.shard_targets` reads
+(extracted features or images encoded every step) and checks the backbone hash only.
 
 Writes RUN_DIR/generation/:
   generator.safetensors  queries + DiT + feature mean/std
@@ -61,9 +63,7 @@ def weights_hash(module: torch.nn.Module) -> str:
 
 
 def generation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
-    import datasets
-
-    from .features import feature_stats, load_split_features
+    from . import shard_stages
     from .understanding_stage import evaluate_stage_vqa, load_stage_backbone
 
     section = cfg.get("generation", {})
@@ -79,28 +79,29 @@ def generation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     from .describe import generation_configs
 
     gen_cfg, train_cfg, _ = generation_configs(cfg)
-    ds = datasets.load_from_disk(str(data.path / "shapesworld"))
-    features = load_split_features(clip.path, "train")  # (N, 64, F)
-    stats = feature_stats(clip.path)
+    shards = shard_stages.uses_shards(cfg)
+    if shards:  # tar shards: extracted features, or images through the pretrained CLIP every step
+        targets = shard_stages.shard_targets(cfg, run_dir, upstream)
+        dataset, feature_dim, encoder = targets.dataset, targets.feature_dim, targets.encoder
+        mean, std = shard_stages.measure_target_stats(targets) if gen_cfg.feature_norm == "standardize" \
+            else (None, None)
+    else:  # ShapesWorld with the CLIP stage's cached features
+        dataset, feature_dim, mean, std = shapesworld_targets(data.path, clip.path)
+        encoder = None
     backbone = load_stage_backbone(und.path).freeze()
     hash_before = weights_hash(backbone)
 
     torch.manual_seed(train_cfg.seed)
-    # The cached features are raw unless the CLIP stage normalised them; either way the
-    # generator's own standardisation uses the statistics of what it is trained on.
-    mean, std = (torch.zeros_like(stats.mean), torch.ones_like(stats.std)) if stats.normalized \
-        else (stats.mean, stats.std)
-    generator = Blip3oGenerator(gen_cfg, features.shape[-1], backbone.hidden_size, mean, std)
+    generator = Blip3oGenerator(gen_cfg, feature_dim, backbone.hidden_size, mean, std)
     ckpt_dir = out / f"lightning-{key}"
     for stale in out.glob("lightning-*"):
         if stale != ckpt_dir:
             shutil.rmtree(stale, ignore_errors=True)
-    dataset = CaptionFeatureDataset(ds["train"]["captions"], features)
-    result = train(cfg, generator, backbone, dataset, ckpt_dir)
+    result = train(cfg, generator, backbone, dataset, ckpt_dir, encoder)
 
     hash_after = weights_hash(backbone)
     t0 = time.perf_counter()
-    vqa_after = evaluate_stage_vqa(backbone, run_dir)
+    vqa_after = None if shards else evaluate_stage_vqa(backbone, run_dir)  # VQA needs ShapesWorld
     metrics = {"train_steps": result.steps, "train_seconds": round(result.seconds, 1),
                "resumed_from_step": result.resumed_from,
                "final_loss": result.loss_history[-1][1] if result.loss_history else None,
@@ -108,6 +109,8 @@ def generation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
                "backbone_hash_before": hash_before, "backbone_hash_after": hash_after,
                "backbone_unchanged": hash_before == hash_after,
                "vqa_accuracy_after": vqa_after, "vqa_seconds": round(time.perf_counter() - t0, 1)}
+    if shards:
+        metrics |= {"targets": cfg["data"].get("targets", "features"), "num_train_samples": targets.num_samples}
     print(_summary(metrics))
     save_generator(generator, out)
     atomic_write_json(out / "loss_history.json", result.loss_history)
@@ -118,14 +121,31 @@ def generation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     return StageResult("generation", key, out, False, metrics)
 
 
-def train(cfg: dict, generator: Blip3oGenerator, backbone, dataset, ckpt_dir: Path) -> TrainResult:
+def shapesworld_targets(data_dir: Path, clip_dir: Path):
+    """(captions x cached CLIP features dataset, feature width, mean (F,), std (F,)) of the toy run."""
+    import datasets
+
+    from .features import feature_stats, load_split_features
+
+    ds = datasets.load_from_disk(str(data_dir / "shapesworld"))
+    features = load_split_features(clip_dir, "train")  # (N, 64, F)
+    stats = feature_stats(clip_dir)
+    # The cached features are raw unless the CLIP stage normalised them; either way the
+    # generator's own standardisation uses the statistics of what it is trained on.
+    mean, std = (torch.zeros_like(stats.mean), torch.ones_like(stats.std)) if stats.normalized \
+        else (stats.mean, stats.std)
+    return CaptionFeatureDataset(ds["train"]["captions"], features), features.shape[-1], mean, std
+
+
+def train(cfg: dict, generator: Blip3oGenerator, backbone, dataset, ckpt_dir: Path, encoder=None) -> TrainResult:
     """Fit through `generation_run`, the one code path of the toy and the multi-GPU runs;
-    resume from `ckpt_dir/last.ckpt` when an earlier run was interrupted."""
+    resume from `ckpt_dir/last.ckpt` when an earlier run was interrupted. `encoder`: the frozen
+    CLIP encoder when the dataset yields images (`data.targets: images`)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from .training.generation_run import generation_run
 
-    run = generation_run(cfg, backbone, dataset, generator.feature_dim, generator=generator)
+    run = generation_run(cfg, backbone, dataset, generator.feature_dim, encoder=encoder, generator=generator)
     last = ckpt_dir / "last.ckpt"
     resumed = None
     if last.exists():  # our own Lightning checkpoint, written by this function
@@ -141,6 +161,6 @@ def train(cfg: dict, generator: Blip3oGenerator, backbone, dataset, ckpt_dir: Pa
 
 
 def _summary(m: dict) -> str:
+    vqa = "n/a (no ShapesWorld)" if m["vqa_accuracy_after"] is None else f"{m['vqa_accuracy_after']:.4f}"
     return (f"generation: {m['train_steps']} steps in {m['train_seconds']:.0f} s, final loss "
-            f"{m['final_loss']:.3f}; backbone unchanged: {m['backbone_unchanged']}; "
-            f"VQA after stage 2: {m['vqa_accuracy_after']:.4f}")
+            f"{m['final_loss']:.3f}; backbone unchanged: {m['backbone_unchanged']}; VQA after stage 2: {vqa}")

@@ -28,6 +28,10 @@ class StageResult:
 
 
 def data_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
+    from .shard_stages import data_stage as shards_stage, uses_shards
+
+    if uses_shards(cfg):  # WebDataset shards (full runs): index them instead of generating
+        return shards_stage(cfg, run_dir, upstream)
     from .data import generate, summarize
     import datasets
 
@@ -90,13 +94,25 @@ def ensure_stage(name: str, cfg: dict, run_dir: str | Path) -> dict[str, StageRe
     return results
 
 
+def selected_stages(cfg: dict) -> list[tuple[str, Callable[[dict, Path, dict], StageResult]]]:
+    """The stages a config runs: its `stages:` list (full configs stop after generation), else all."""
+    names = cfg.get("stages") or [n for n, _ in STAGES]
+    unknown = sorted(set(names) - set(NEEDS))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown} in the config's stages:; stages are {list(NEEDS)}")
+    missing = sorted({need for n in names for need in NEEDS[n]} - set(names))
+    if missing:
+        raise ValueError(f"the config's stages: {names} leave out {missing}, which they read; add them")
+    return [(n, stage) for n, stage in STAGES if n in names]
+
+
 def run_pipeline(cfg: dict, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, StageResult] = {}
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    for name, stage in STAGES:
+    for name, stage in selected_stages(cfg):
         print(f"== stage: {name}")
         t0 = time.perf_counter()
         results[name] = stage(cfg, run_dir, results)

@@ -26,6 +26,7 @@ from .artifacts import atomic_write_json, fingerprint, mark_complete, stage_comp
 from .backbone import BackboneConfig, ToyBackbone
 from .config import build
 from .run import StageResult
+from .training.distributed import stage_trainer_config
 from .training.understanding import UnderstandingTrainConfig, torch_threads
 
 UNDERSTANDING_STAGE_VERSION = 1  # bump when this stage's outputs change meaning
@@ -57,6 +58,10 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
     from .tokenizer import build_tokenizer, shapesworld_texts
     from .training.understanding import train_understanding
 
+    from . import shard_stages
+
+    if shard_stages.uses_shards(cfg):  # the pretrained backbone, recorded, never trained
+        return shard_stages.understanding_stage(cfg, run_dir, upstream)
     section = cfg.get("understanding", {})
     clip = upstream["clip"]
     key = fingerprint("understanding", UNDERSTANDING_STAGE_VERSION, cfg.get("seed", 0), section, clip.key)
@@ -86,7 +91,8 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
         for stale in out.glob("lightning-*"):
             if stale != ckpt_dir:
                 shutil.rmtree(stale, ignore_errors=True)
-        result = train_understanding(backbone, features, train_rows, train_cfg, ckpt_dir)
+        result = train_understanding(backbone, features, train_rows, train_cfg, ckpt_dir,
+                                     trainer=stage_trainer_config(cfg, train_cfg.precision))
         atomic_write_json(out / "loss_history.json", result.loss_history)
         backbone.save(out / BACKBONE_DIR)
         backbone.encoder = load_encoder(clip.path).requires_grad_(False).eval()

@@ -140,6 +140,21 @@ def test_trainer_flags_override_yaml():
         apply_trainer_arguments({}, p.parse_args(["--strategy", "horovod"]))
 
 
+def test_every_stage_takes_its_trainer_from_the_trainer_section():
+    """Devices, nodes, strategy, precision: the trainer: section for every stage; without one
+    (the toy) each stage keeps its recipe's precision on one device, as before."""
+    from blip3o_mini.config import build
+    from blip3o_mini.training import understanding
+    from blip3o_mini.training.distributed import TrainerConfig, stage_trainer_config
+
+    tc = stage_trainer_config({"trainer": {"devices": 2, "num_nodes": 3, "strategy": "ddp"}}, "bf16-mixed")
+    assert (tc.devices, tc.num_nodes, tc.strategy, tc.precision) == (2, 3, "ddp", "bf16-mixed")
+    assert stage_trainer_config({"trainer": {"precision": "32-true"}}, "bf16-mixed").precision == "32-true"
+    assert stage_trainer_config(load_config("toy"), "bf16-mixed") == TrainerConfig(precision="bf16-mixed")
+    with pytest.raises(ValueError, match=r"unknown UnderstandingTrainConfig option\(s\) \['devices'\]"):
+        build(understanding.UnderstandingTrainConfig, {"devices": 2})  # no stage keeps its own devices
+
+
 # ------------------------------------------------------------------------------ describe
 @pytest.fixture(scope="module")
 def desc8b():

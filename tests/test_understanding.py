@@ -14,6 +14,7 @@ from blip3o_mini.data.dataset import generate_split
 from blip3o_mini.data.tensors import images_uint8
 from blip3o_mini.evaluation.vqa import vqa_accuracy
 from blip3o_mini.tokenizer import build_tokenizer, expand_image_placeholders, shapesworld_texts
+from blip3o_mini.training.distributed import TrainerConfig
 from blip3o_mini.training.packing import IGNORE, Packer, collate_rows, packed_attention_mask
 from blip3o_mini.training.understanding import (UnderstandingModule, UnderstandingTrainConfig, answer_loss,
                                                 collate, conversation, train_understanding)
@@ -111,12 +112,12 @@ def test_overfits_one_batch(tok):
 
 def test_training_resumes_from_last_checkpoint(tok, tmp_path):
     feats, rows = torch.randn(8, 64, 16), ROWS[:8]
-    cfg = UnderstandingTrainConfig(batch_size=4, max_steps=2, warmup_steps=1, log_every=1, checkpoint_every=2,
-                                   precision="32-true", accelerator="cpu")
-    first = train_understanding(tiny_backbone(tok), feats, rows, cfg, tmp_path)
+    cfg = UnderstandingTrainConfig(batch_size=4, max_steps=2, warmup_steps=1, log_every=1, checkpoint_every=2)
+    trainer = TrainerConfig(accelerator="cpu", precision="32-true")  # a config's trainer: section
+    first = train_understanding(tiny_backbone(tok), feats, rows, cfg, tmp_path, trainer=trainer)
     assert first.steps == 2 and (tmp_path / "last.ckpt").exists() and first.resumed_from is None
     cfg.max_steps = 4
-    again = train_understanding(tiny_backbone(tok, seed=1), feats, rows, cfg, tmp_path)
+    again = train_understanding(tiny_backbone(tok, seed=1), feats, rows, cfg, tmp_path, trainer=trainer)
     assert again.resumed_from == 2 and again.steps == 4
     assert [s for s, _ in again.loss_history] == [0, 1, 2, 3]
     assert again.loss_history[:2] == first.loss_history  # the history travels in the checkpoint

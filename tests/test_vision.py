@@ -167,6 +167,7 @@ def test_training_smoke_loss_decreases(tmp_path):
     from blip3o_mini.data import make_sample
     from blip3o_mini.data.tensors import images_uint8
     from blip3o_mini.training.clip import ClipTrainConfig, train_clip
+    from blip3o_mini.training.distributed import TrainerConfig
 
     import datasets
 
@@ -178,7 +179,7 @@ def test_training_smoke_loss_decreases(tmp_path):
     cfg = ClipTrainConfig(batch_size=32, max_steps=8, lr=2e-3, warmup_steps=1, log_every=1,
                           precision="32-true", checkpoint_every=4)
     result = train_clip(enc, images_uint8(split), [r["captions"][:1] for r in rows], cfg, tmp_path,
-                        accelerator="cpu")
+                        trainer=TrainerConfig(accelerator="cpu", precision="32-true"))
     losses = [loss for _, loss in result.loss_history]
     assert result.steps == 8 and len(losses) == 8
     assert losses[-1] < losses[0] - 0.05, losses  # seeded and fp32: deterministic

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.world import COLORS, HELD_OUT, SHAPES
 from ..vision import ClipEncoder
+from .distributed import TrainerConfig, make_trainer
 
 MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learnable temperature here
 
@@ -41,7 +42,7 @@ class ClipTrainConfig:
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 30
     weight_decay: float = 0.1
-    precision: str = "bf16-mixed"  # bf16 autocast: ~1.5x faster on AVX512-bf16 CPUs; loss in fp32
+    precision: str = "bf16-mixed"  # bf16 autocast: ~1.5x faster on AVX512-bf16 CPUs (the trainer: section's wins)
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 50
@@ -152,10 +153,13 @@ class TrainResult:
 
 
 def train_clip(encoder: ClipEncoder, images: torch.Tensor, captions: list[list[str]], cfg: ClipTrainConfig,
-               ckpt_dir: str | Path, accelerator: str = "auto", callbacks: list | None = None) -> TrainResult:
+               ckpt_dir: str | Path, trainer: TrainerConfig | None = None,
+               callbacks: list | None = None) -> TrainResult:
     """Train `encoder` in place on uint8 images (N, 3, H, W) and their caption paraphrases;
     resume from `ckpt_dir/last.ckpt` when an earlier run was interrupted. Extra Lightning
-    `callbacks` (e.g. a live loss plot) see `module.loss_history` grow."""
+    `callbacks` (e.g. a live loss plot) see `module.loss_history` grow. `trainer` (the config's
+    `trainer:` section) sets accelerator, devices, nodes, strategy and precision; on several
+    devices each contrasts its own batch (negatives are not gathered across devices)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     L.seed_everything(cfg.seed, verbose=False)
@@ -174,14 +178,14 @@ def train_clip(encoder: ClipEncoder, images: torch.Tensor, captions: list[list[s
     resumed = None
     if last.exists():  # our own Lightning checkpoint, written by this function
         resumed = int(torch.load(last, map_location="cpu", weights_only=True).get("global_step", 0))
-    trainer = L.Trainer(
-        max_steps=cfg.max_steps, accelerator=accelerator, devices=1, precision=cfg.precision,
-        logger=False, enable_progress_bar=False, enable_model_summary=False,
+    fit = make_trainer(
+        trainer or TrainerConfig(precision=cfg.precision), max_steps=cfg.max_steps, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=True,
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                    every_n_train_steps=cfg.checkpoint_every), *(callbacks or [])],
     )
     start = time.perf_counter()
     encoder.train()
-    trainer.fit(module, data, ckpt_path=str(last) if last.exists() else None)
+    fit.fit(module, data, ckpt_path=str(last) if last.exists() else None)
     encoder.eval().cpu()
-    return TrainResult(module.loss_history, int(trainer.global_step), time.perf_counter() - start, resumed)
+    return TrainResult(module.loss_history, int(fit.global_step), time.perf_counter() - start, resumed)

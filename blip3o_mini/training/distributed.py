@@ -58,6 +58,15 @@ def trainer_config(cfg: dict) -> TrainerConfig:
     return build(TrainerConfig, cfg.get("trainer"))
 
 
+def stage_trainer_config(cfg: dict, recipe_precision: str) -> TrainerConfig:
+    """The `trainer:` section for one stage: its precision when the section sets one (the whole
+    job's hardware setting), else the stage recipe's `train.precision`."""
+    tc = trainer_config(cfg)
+    if "precision" not in (cfg.get("trainer") or {}):
+        tc.precision = recipe_precision
+    return tc
+
+
 def check_global_batch(tc: TrainerConfig, batch_size: int) -> int:
     """The global batch of a run with `batch_size` samples per device and step; a ValueError
     when it differs from `tc.global_batch_size`."""

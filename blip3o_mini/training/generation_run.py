@@ -19,7 +19,7 @@ import lightning as L
 from ..data.sharding import ShardedDataModule
 from ..describe import generation_configs
 from ..generation import Blip3oGenerator
-from .distributed import check_global_batch, trainer_config, trainer_kwargs
+from .distributed import check_global_batch, stage_trainer_config, trainer_kwargs
 from .generation import GenerationModule, GenerationTrainConfig, collate
 
 
@@ -56,9 +56,7 @@ subclass and its batch format (tests/ddp_script.py adds sample indices for fixed
     from ..targets import generation_module
 
     _, train_cfg, targets = generation_configs(cfg)
-    tc = trainer_config(cfg)
-    if "precision" not in (cfg.get("trainer") or {}):
-        tc.precision = train_cfg.precision
+    tc = stage_trainer_config(cfg, train_cfg.precision)
     global_batch = check_global_batch(tc, train_cfg.batch_size)
     if generator is None:
         generator = build_generator(cfg, feature_dim, backbone.hidden_size, feature_mean, feature_std)

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..backbone import ToyBackbone
 from ..tokenizer import CAPTION_PROMPT
+from .distributed import TrainerConfig, make_trainer
 from .packing import IGNORE, Packer, PackedRow, collate_rows, packed_attention_mask
 
 
@@ -40,10 +41,7 @@ class UnderstandingTrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    precision: str = "bf16-mixed"  # bf16 autocast (fast on AVX512-bf16 CPUs); "32-true" for fp32
-    accelerator: str = "auto"
-    devices: int | str = 1  # multi-device is configuration only (DDP / FSDP via `strategy`)
-    strategy: str = "auto"
+    precision: str = "bf16-mixed"  # bf16 autocast (fast on AVX512-bf16 CPUs); the trainer: section's wins
     num_threads: int | None = None  # CPU threads while training (None: torch's default); see torch_threads
     seed: int = 0
     log_every: int = 10
@@ -166,9 +164,12 @@ class UnderstandingModule(L.LightningModule):
 
 
 def train_understanding(backbone: ToyBackbone, features: torch.Tensor, rows: list[dict],
-                        cfg: UnderstandingTrainConfig, ckpt_dir: str | Path) -> TrainResult:
+                        cfg: UnderstandingTrainConfig, ckpt_dir: str | Path,
+                        trainer: TrainerConfig | None = None) -> TrainResult:
     """Train `backbone` (projector + LM) in place on cached CLIP features (N, 64, D) and the
-    aligned dataset rows; resume from `ckpt_dir/last.ckpt` when an earlier run was interrupted."""
+    aligned dataset rows; resume from `ckpt_dir/last.ckpt` when an earlier run was interrupted.
+    `trainer` (the config's `trainer:` section) sets accelerator, devices, nodes, strategy and
+    precision; on several devices Lightning's `DistributedSampler` splits the shuffled rows."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     L.seed_everything(cfg.seed, verbose=False)
@@ -181,20 +182,19 @@ def train_understanding(backbone: ToyBackbone, features: torch.Tensor, rows: lis
     resumed = None
     if last.exists():  # our own Lightning checkpoint, written by this function
         resumed = int(torch.load(last, map_location="cpu", weights_only=True).get("global_step", 0))
-    trainer = L.Trainer(
-        max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
-        precision=cfg.precision, gradient_clip_val=cfg.grad_clip, logger=False, enable_progress_bar=False,
-        enable_model_summary=False,
+    fit = make_trainer(
+        trainer or TrainerConfig(precision=cfg.precision), max_steps=cfg.max_steps, gradient_clip_val=cfg.grad_clip,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=True,
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                    every_n_train_steps=cfg.checkpoint_every)],
     )
     start = time.perf_counter()
     backbone.train()
     with torch_threads(cfg.num_threads):
-        trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
+        fit.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
     backbone.eval().cpu()
     seconds = time.perf_counter() - start
-    steps = int(trainer.global_step)
+    steps = int(fit.global_step)
     tokens_per_row = data.num_tokens() / max(1, len(data))
     return TrainResult(module.loss_history, steps, seconds, resumed,
                        extra={"rows_per_epoch": len(data), "tokens_per_row": round(tokens_per_row, 1),

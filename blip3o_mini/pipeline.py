@@ -38,6 +38,20 @@ class SamplingConfig:
     decoder_guidance_scale: float = 1.5
     batch_size: int = 64
 
+    @classmethod
+    def from_config(cls, cfg: dict) -> "SamplingConfig":
+        """The numbers a run config samples with: the DiT's `generation.flow` (num_steps,
+        guidance_scale) and the decoder's `decoder.eval` (num_inference_steps, guidance_scale);
+        keys the config leaves out keep `FlowMatching`'s and `DecoderEvalConfig`'s defaults."""
+        from .config import build
+        from .decoder_stage import decoder_configs
+        from .flow import FlowMatching
+
+        flow = build(FlowMatching, (cfg.get("generation") or {}).get("flow"))
+        decoder_eval = decoder_configs(cfg.get("decoder"))[2]
+        return cls(flow.num_steps, flow.guidance_scale, decoder_eval.num_inference_steps,
+                   decoder_eval.guidance_scale)
+
 
 class Blip3oMiniPipeline:
     def __init__(self, encoder, backbone, generator, decoder, sampling: SamplingConfig | None = None):
@@ -60,6 +74,36 @@ class Blip3oMiniPipeline:
         backbone = load_stage_backbone(run_dir / "understanding", encoder=encoder)
         return cls(encoder, backbone, load_generator(run_dir / "generation"),
                    PixelDecoder.load(run_dir / "decoder"), sampling)
+
+    @classmethod
+    def from_config(cls, cfg: dict, sampling: SamplingConfig | None = None) -> "Blip3oMiniPipeline":
+        """A pipeline of `cfg`'s sizes with random, untrained weights, built by the same
+        constructors the stages train: for timing (benchmarks/bench_sampling.py) and tests.
+        Latency does not depend on the weights; the images are meaningless."""
+        from .config import build
+        from .decoder import PixelDecoder
+        from .decoder_stage import decoder_configs
+        from .describe import build_backbone, generation_configs, split_section
+        from .generation import Blip3oGenerator
+        from .vision import ClipConfig, ClipEncoder
+
+        if (cfg.get("understanding") or {}).get("pretrained"):
+            raise ValueError("Blip3oMiniPipeline.from_config builds the toy backbone only; for a config "
+                             "with understanding.pretrained use from_run on a finished run")
+        encoder = ClipEncoder(build(ClipConfig, split_section(cfg.get("clip"))[0]))
+        D = encoder.feature_dim
+        backbone, _, hidden, _ = build_backbone(cfg, D, device="cpu")
+        backbone.encoder = encoder.requires_grad_(False)  # to answer from images, as from_run
+        generator = Blip3oGenerator(generation_configs(cfg)[0], D, hidden)
+        decoder = PixelDecoder(decoder_configs(cfg.get("decoder"), (1, encoder.num_tokens, D))[0])
+        return cls(encoder, backbone.freeze(), generator, decoder,
+                   sampling or SamplingConfig.from_config(cfg))
+
+    def to(self, device: str | torch.device) -> "Blip3oMiniPipeline":
+        """Move every component to `device` (e.g. "cuda"), as diffusers pipelines do."""
+        for m in (self.encoder, self.backbone, self.generator, self.decoder):
+            m.to(device)
+        return self
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "Blip3oMiniPipeline":

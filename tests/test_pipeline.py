@@ -69,3 +69,21 @@ def test_bad_inputs_are_clear(pipe, tmp_path):
         pipe("  ")
     with pytest.raises(FileNotFoundError, match="not a saved Blip3oMiniPipeline"):
         Blip3oMiniPipeline.from_pretrained(tmp_path / "nothing")
+
+
+def test_from_config_builds_toy_sizes_and_sampling_numbers():
+    from blip3o_mini.config import load_config
+
+    cfg = load_config("toy")
+    pipe = Blip3oMiniPipeline.from_config(cfg)  # random weights: what benchmarks/bench_sampling.py times
+    flow, dec_eval = cfg["generation"]["flow"], cfg["decoder"]["eval"]
+    s = pipe.sampling
+    assert (s.num_inference_steps, s.guidance_scale, s.decoder_steps, s.decoder_guidance_scale) == (
+        flow["num_steps"], flow["guidance_scale"], dec_eval["num_inference_steps"], dec_eval["guidance_scale"])
+    assert pipe.generator.dit_cfg.dim == cfg["generation"]["dit"]["dim"]
+    assert pipe.decoder.cfg.block_out_channels == tuple(cfg["decoder"]["block_out_channels"])
+    out = pipe(["a photo of a red circle", "two blue squares"], num_inference_steps=2, decoder_steps=2)
+    assert [(im.size, im.mode) for im in out.images] == [((64, 64), "RGB")] * 2
+    assert out.features.shape == (2, 64, pipe.encoder.feature_dim)
+    with pytest.raises(ValueError, match="toy backbone only"):
+        Blip3oMiniPipeline.from_config({"understanding": {"pretrained": "Qwen/Qwen2.5-VL-3B-Instruct"}})

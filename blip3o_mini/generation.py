@@ -109,8 +109,11 @@ class Blip3oGenerator(nn.Module):
                           return_trajectory: bool = False):
         """Sample CLIP features (B, N, F) for `prompts` with Euler steps and CFG."""
         cond = self.condition(backbone, prompts)  # (B, Nq, K)
+        # Noise is drawn on the generator's device (CPU by default), then moved: a seeded CPU
+        # generator gives the same images on any device.
         x_0 = torch.randn((len(prompts), self.cfg.num_tokens, self.feature_dim), generator=generator,
-                          device=cond.device, dtype=cond.dtype)  # (B, N, F)
+                          device=generator.device if generator is not None else "cpu")
+        x_0 = x_0.to(cond.device, cond.dtype)  # (B, N, F)
         result = self.flow.sample(self.dit, cond, x_0.shape[1:], x_0=x_0,
                                   num_steps=num_inference_steps, guidance_scale=guidance_scale,
                                   return_trajectory=return_trajectory)

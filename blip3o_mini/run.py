@@ -16,6 +16,7 @@ from .artifacts import fingerprint, mark_complete, stage_complete
 from .report import build_report, write_report
 
 DATA_VERSION = 2  # bump when the ShapesWorld generator changes its output
+RUN_CONFIG = "config.yaml"  # the resolved config `run_pipeline` last ran in a run directory
 
 
 @dataclass
@@ -106,9 +107,24 @@ def selected_stages(cfg: dict) -> list[tuple[str, Callable[[dict, Path, dict], S
     return [(n, stage) for n, stage in STAGES if n in names]
 
 
+def run_config(run_dir: str | Path, default: str | Path = "toy") -> dict:
+    """The config a run directory was made with (`RUN_DIR/config.yaml`, written by
+    `run_pipeline`), else `load_config(default)`: a notebook pointed at any run directory asks
+    `ensure_stage` for the same fingerprints and so reuses its stages instead of retraining."""
+    from .config import load_config
+
+    recorded = Path(run_dir) / RUN_CONFIG
+    return load_config(recorded if recorded.exists() else default)
+
+
 def run_pipeline(cfg: dict, run_dir: str | Path) -> dict:
+    import yaml
+
+    from .artifacts import atomic_write_bytes
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / RUN_CONFIG, yaml.safe_dump(cfg, sort_keys=False).encode())
     results: dict[str, StageResult] = {}
     timings: dict[str, float] = {}
     start = time.perf_counter()

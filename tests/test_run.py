@@ -8,7 +8,7 @@ import yaml
 
 from blip3o_mini.cli import main
 from blip3o_mini.config import load_config
-from blip3o_mini.run import NEEDS, STAGES, ensure_stage
+from blip3o_mini.run import NEEDS, STAGES, ensure_stage, run_config
 
 TINY = {
     "base": "toy",
@@ -65,6 +65,16 @@ def test_rerun_reuses_every_stage(tiny_run):
     assert all(r.skipped for r in results.values())
     decoder_only = ensure_stage("decoder", load_config(cfg_path), out)
     assert set(decoder_only) == set(NEEDS["decoder"]) | {"decoder"}
+
+
+def test_run_dir_records_its_config(tiny_run, tmp_path):
+    cfg_path, out = tiny_run
+    # a notebook pointed at this run directory asks for the same stages and reuses them
+    recorded = run_config(out)
+    assert recorded.pop("trainer") == {}  # the CLI's trainer flags (none given) are recorded too
+    assert recorded == load_config(cfg_path)
+    assert all(r.skipped for r in ensure_stage("evaluation", run_config(out), out).values())
+    assert run_config(tmp_path) == load_config("toy")  # no recorded config: the default
 
 
 def test_generate_command_writes_a_png(tiny_run, tmp_path):

@@ -10,7 +10,7 @@ paraphrases drawn at random, so the text tower learns that paraphrases mean the 
 The architecture is the open_clip model inside `blip3o_mini.vision.ClipEncoder`; this file is
 the recipe (data, loss, optimiser, Lightning loop resumable from `last.ckpt`).
 
-Shape glossary: B batch, H = W image side (64), T text tokens (32), E embedding dim.
+Shape glossary: B batch, H = W image side (64), T text tokens (24: the longest ShapesWorld caption is 20 with start/end), E embedding dim.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learnable temperature 
 @dataclass
 class ClipTrainConfig:
     batch_size: int = 128
-    max_steps: int = 300
+    max_steps: int = 700
     lr: float = 2e-3
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 30

@@ -4,3 +4,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: on a shared 2-core CPU one thread is several times faster than two."""
+    from blip3o_mini.training.understanding import torch_threads
+
+    with torch_threads(1):
+        yield

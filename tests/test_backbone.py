@@ -42,13 +42,7 @@ def images(n=3):
     return images_uint8(generate_split(0, "val", n))  # (n, 3, 64, 64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: on a shared 2-core CPU one thread is several times faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

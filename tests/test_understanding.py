@@ -23,13 +23,7 @@ ROWS = [make_sample(0, "train", i) for i in range(40)]
 TINY = BackboneConfig(vision_dim=16, hidden_size=64, num_layers=2, intermediate_size=128)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: on a shared 2-core CPU one thread is several times faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -46,10 +46,6 @@ def clip_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     from .data.tensors import images_uint8
     from .evaluation.clip import evaluate_clip
 
-    from . import shard_stages
-
-    if shard_stages.uses_shards(cfg):  # pretrained encoder, targets extracted or encoded per step
-        return shard_stages.clip_stage(cfg, run_dir, upstream)
     section = cfg.get("clip", {})
     data = upstream["data"]
     key = fingerprint("clip", CLIP_STAGE_VERSION, cfg.get("seed", 0), section, data.key)

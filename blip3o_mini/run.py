@@ -29,10 +29,6 @@ class StageResult:
 
 
 def data_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
-    from .shard_stages import data_stage as shards_stage, uses_shards
-
-    if uses_shards(cfg):  # WebDataset shards (full runs): index them instead of generating
-        return shards_stage(cfg, run_dir, upstream)
     from .data import generate, summarize
     import datasets
 
@@ -81,6 +77,20 @@ STAGES: list[tuple[str, Callable[[dict, Path, dict], StageResult]]] = [
 NEEDS = {"data": [], "clip": ["data"], "understanding": ["data", "clip"],
          "generation": ["data", "clip", "understanding"], "decoder": ["data", "clip"],
          "evaluation": ["data", "clip", "understanding", "generation", "decoder"]}
+# A config that reads WebDataset shards (`data.shards`, the full runs) swaps these stages: the
+# shards are indexed, the extracted targets checked, the pretrained backbone recorded (no
+# training). Generation is the same stage either way, fed by `shard_targets`.
+SHARD_STAGES = {"data": lazy("shard_stages:data_stage"), "clip": lazy("shard_stages:clip_stage"),
+                "understanding": lazy("shard_stages:understanding_stage")}
+
+
+def stages_for(cfg: dict) -> list[tuple[str, Callable[[dict, Path, dict], StageResult]]]:
+    """STAGES in order, with the shard versions when the config reads WebDataset shards."""
+    from .shard_stages import uses_shards
+
+    if not uses_shards(cfg):
+        return STAGES
+    return [(n, SHARD_STAGES.get(n, stage)) for n, stage in STAGES]
 
 
 def ensure_stage(name: str, cfg: dict, run_dir: str | Path) -> dict[str, StageResult]:
@@ -89,7 +99,7 @@ def ensure_stage(name: str, cfg: dict, run_dir: str | Path) -> dict[str, StageRe
         raise ValueError(f"unknown stage {name!r}; stages are {list(NEEDS)}")
     run_dir = Path(run_dir)
     results: dict[str, StageResult] = {}
-    for n, stage in STAGES:
+    for n, stage in stages_for(cfg):
         if n == name or n in NEEDS[name]:
             results[n] = stage(cfg, run_dir, results)
     return results
@@ -104,7 +114,7 @@ def selected_stages(cfg: dict) -> list[tuple[str, Callable[[dict, Path, dict], S
     missing = sorted({need for n in names for need in NEEDS[n]} - set(names))
     if missing:
         raise ValueError(f"the config's stages: {names} leave out {missing}, which they read; add them")
-    return [(n, stage) for n, stage in STAGES if n in names]
+    return [(n, stage) for n, stage in stages_for(cfg) if n in names]
 
 
 def run_config(run_dir: str | Path, default: str | Path = "toy") -> dict:

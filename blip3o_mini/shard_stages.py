@@ -14,8 +14,8 @@ train:
     generation     the same `generation_stage` and `generation_run` as the toy, fed by
                    `shard_targets` (targets.py's datasets) instead of ShapesWorld
 
-Each `run.py` stage hands over to the function here when `uses_shards(cfg)`, so the toy stages
-(and their fingerprints) are untouched. The decoder and evaluation stages need ShapesWorld;
+`run.stages_for` swaps these in for the data, clip and understanding stages when
+`uses_shards(cfg)`, so the toy stages (and their fingerprints) are untouched. The decoder and evaluation stages need ShapesWorld;
 full configs list the stages they run under `stages:`.
 
 Shape glossary: N = 64 tokens, D CLIP width.

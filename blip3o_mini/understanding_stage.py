@@ -58,10 +58,6 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
     from .tokenizer import build_tokenizer, shapesworld_texts
     from .training.understanding import train_understanding
 
-    from . import shard_stages
-
-    if shard_stages.uses_shards(cfg):  # the pretrained backbone, recorded, never trained
-        return shard_stages.understanding_stage(cfg, run_dir, upstream)
     section = cfg.get("understanding", {})
     clip = upstream["clip"]
     key = fingerprint("understanding", UNDERSTANDING_STAGE_VERSION, cfg.get("seed", 0), section, clip.key)

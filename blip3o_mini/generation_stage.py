@@ -10,6 +10,9 @@ Writes RUN_DIR/generation/:
   loss_history.json      (step, loss) pairs
   metrics.json           training figures, backbone hash before/after, VQA after stage 2
   stage.json             written last (mark_complete)
+
+Under DDP every rank trains; global rank 0 alone measures and writes the files while the others
+wait at a barrier (`run.finish_on_rank_zero`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from .artifacts import (atomic_write_json, fingerprint, load_tensors, mark_complete, save_tensors,
                         stage_complete)
 from .generation import Blip3oGenerator, GeneratorConfig
-from .run import StageResult
+from .run import StageResult, finish_on_rank_zero, remove_stale_checkpoints
 from .training.clip import TrainResult
 from .training.generation import CaptionFeatureDataset
 
@@ -94,31 +97,43 @@ def generation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     torch.manual_seed(train_cfg.seed)
     generator = Blip3oGenerator(gen_cfg, feature_dim, backbone.hidden_size, mean, std)
     ckpt_dir = out / f"lightning-{key}"
-    for stale in out.glob("lightning-*"):
-        if stale != ckpt_dir:
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_checkpoints(out, ckpt_dir)
     result = train(cfg, generator, backbone, dataset, ckpt_dir, encoder)
 
-    hash_after = weights_hash(backbone)
-    t0 = time.perf_counter()
-    vqa_after = None if shards else evaluate_stage_vqa(backbone, run_dir)  # VQA needs ShapesWorld
-    metrics = {"train_steps": result.steps, "train_seconds": round(result.seconds, 1),
-               "resumed_from_step": result.resumed_from,
-               "final_loss": result.loss_history[-1][1] if result.loss_history else None,
-               "num_params_trainable": sum(p.numel() for p in generator.parameters()),
-               "backbone_hash_before": hash_before, "backbone_hash_after": hash_after,
-               "backbone_unchanged": hash_before == hash_after,
-               "vqa_accuracy_after": vqa_after, "vqa_seconds": round(time.perf_counter() - t0, 1)}
-    if shards:
-        metrics |= {"targets": cfg["data"].get("targets", "features"), "num_train_samples": targets.num_samples}
-    print(_summary(metrics))
+    def write() -> None:  # global rank 0 only: checks, metrics and every file of the stage
+        hash_after = weights_hash(backbone)
+        t0 = time.perf_counter()
+        vqa_after = None if shards else evaluate_stage_vqa(backbone, run_dir)  # VQA needs ShapesWorld
+        metrics = train_metrics(result, generator) | {
+            "backbone_hash_before": hash_before, "backbone_hash_after": hash_after,
+            "backbone_unchanged": hash_before == hash_after,
+            "vqa_accuracy_after": vqa_after, "vqa_seconds": round(time.perf_counter() - t0, 1)}
+        if shards:
+            metrics |= {"targets": cfg["data"].get("targets", "features"), "num_train_samples": targets.num_samples}
+        print(_summary(metrics))
+        write_generator_stage(out, key, generator, result, metrics, ckpt_dir,
+                              {"generation": section, "clip_key": clip.key, "understanding_key": und.key})
+
+    return finish_on_rank_zero("generation", key, out, result.trainer, write)
+
+
+def train_metrics(result: TrainResult, generator: Blip3oGenerator) -> dict:
+    return {"train_steps": result.steps, "train_seconds": round(result.seconds, 1),
+            "resumed_from_step": result.resumed_from,
+            "final_loss": result.loss_history[-1][1] if result.loss_history else None,
+            "num_params_trainable": sum(p.numel() for p in generator.parameters())}
+
+
+def write_generator_stage(out: Path, key: str, generator: Blip3oGenerator, result: TrainResult, metrics: dict,
+                          ckpt_dir: Path, config: dict) -> None:
+    """The files of a stage that trains the generator, stage.json last,
+    then its resume state removed. Called on global rank 0 only (`run.finish_on_rank_zero`)."""
     save_generator(generator, out)
     atomic_write_json(out / "loss_history.json", result.loss_history)
     atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_json(out / "config.json", {"generation": section, "clip_key": clip.key, "understanding_key": und.key})
+    atomic_write_json(out / "config.json", config)
     mark_complete(out, key, metrics=metrics)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return StageResult("generation", key, out, False, metrics)
 
 
 def shapesworld_targets(data_dir: Path, clip_dir: Path):
@@ -157,7 +172,8 @@ def train(cfg: dict, generator: Blip3oGenerator, backbone, dataset, ckpt_dir: Pa
     trainer = run.fit(ckpt_path=str(last) if last.exists() else None, callbacks=callbacks)
     generator.eval().cpu()
     backbone.cpu()
-    return TrainResult(run.module.losses, int(trainer.global_step), time.perf_counter() - start, resumed)
+    return TrainResult(run.module.losses, int(trainer.global_step), time.perf_counter() - start, resumed,
+                       trainer=trainer)
 
 
 def _summary(m: dict) -> str:

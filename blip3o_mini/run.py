@@ -7,6 +7,8 @@ of the stages before it, so a stage's fingerprint can include what it reads.
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,35 @@ def data_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     if not skipped:
         mark_complete(out, key, metrics=metrics)
     return StageResult("data", key, out, skipped, metrics)
+
+
+def remove_stale_checkpoints(out: Path, keep: Path) -> None:
+    """Remove `out/lightning-*` resume states of other configs than `keep`'s, on global rank 0
+    only (Lightning sets `rank_zero_only.rank` from the launcher's environment): under DDP every
+    process runs the stage function, and two processes must not rmtree the same directory."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        for stale in Path(out).glob("lightning-*"):
+            if stale != keep:
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def finish_on_rank_zero(name: str, key: str, out: Path, trainer, write: Callable[[], None]) -> StageResult:
+    """The end of a stage that trained: `write` (every artifact, `mark_complete` last) runs on
+    global rank 0 only while the other ranks wait at the strategy's barrier. Under DDP each
+    process returns from `trainer.fit` into the stage function; without this all would write the
+    same files and remove the same checkpoint directory at once. Every rank then returns rank 0's
+    metrics, so all hold the same StageResult. `trainer` None: no training ran, one process."""
+    try:
+        if trainer is None or trainer.is_global_zero:
+            write()
+    finally:  # reached even when rank 0's write fails, so the others stop with the error below
+        if trainer is not None:
+            trainer.strategy.barrier(f"{name}-artifacts")
+    if not stage_complete(out, key):
+        raise RuntimeError(f"{out}: global rank 0 did not finish writing the {name} stage; see its error")
+    return StageResult(name, key, out, False, json.loads((Path(out) / "metrics.json").read_text()))
 
 
 def lazy(target: str) -> Callable[[dict, Path, dict], StageResult]:
@@ -130,11 +161,14 @@ def run_config(run_dir: str | Path, default: str | Path = "toy") -> dict:
 def run_pipeline(cfg: dict, run_dir: str | Path) -> dict:
     import yaml
 
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
     from .artifacts import atomic_write_bytes
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run_dir / RUN_CONFIG, yaml.safe_dump(cfg, sort_keys=False).encode())
+    if rank_zero_only.rank == 0:  # every rank of a launched job runs this; one writes
+        atomic_write_bytes(run_dir / RUN_CONFIG, yaml.safe_dump(cfg, sort_keys=False).encode())
     results: dict[str, StageResult] = {}
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -149,6 +183,7 @@ def run_pipeline(cfg: dict, run_dir: str | Path) -> dict:
         print(f"{name:<16} {timings[name]:>9.1f}  {'cached' if r.skipped else 'ran'}")
     print(f"{'total':<16} {total:>9.1f}")
     report = build_report({name: r.metrics for name, r in results.items()}, timings, total)
-    write_report(run_dir, report)
-    print(f"report: {run_dir / 'report.json'}, {run_dir / 'report.md'}")
+    if rank_zero_only.rank == 0:  # the stages' results are rank 0's on every rank (finish_on_rank_zero)
+        write_report(run_dir, report)
+        print(f"report: {run_dir / 'report.json'}, {run_dir / 'report.md'}")
     return report

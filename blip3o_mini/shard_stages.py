@@ -6,7 +6,8 @@ BLIP3-o's stage 2 (DESIGN.md section 1) reads image-caption tar shards, takes it
 train:
 
     data           index the shards: samples per shard, every sample has a caption (rank 0
-                   of a launched job; the other ranks wait for its index)
+                   of a launched job; the other ranks wait for its index, as in clip and
+                   understanding)
     clip           no training: the targets come from `blip3o-mini extract` (`data.targets:
                    features`, checked complete and made by this config's encoder) or from the
                    pretrained encoder inside every step (`targets: images`)
@@ -149,6 +150,8 @@ def check_features(cfg: dict, run_dir: Path) -> dict:
 
 
 def clip_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
+    from .extract import rank_and_world
+
     section, data = cfg.get("clip", {}), upstream["data"]
     clip_cfg = clip_settings(cfg)
     if not clip_cfg.pretrained:
@@ -160,6 +163,8 @@ def clip_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
         if targets == "features" else []
     key = fingerprint("clip-shards", SHARD_STAGE_VERSION, section, data.key, targets, files)
     out = Path(run_dir) / "clip"
+    if rank_and_world()[0] != 0:  # a launched job: rank 0 checks and records, the others wait for it
+        wait_for_stage(out, key)
     if stage_complete(out, key):
         metrics = json.loads((out / "metrics.json").read_text())
         print(_clip_summary(clip_cfg, metrics))
@@ -194,6 +199,7 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
     from dataclasses import asdict
 
     from .config import build
+    from .extract import rank_and_world
     from .understanding_stage import UNDERSTANDING_STAGE_VERSION, UnderstandingConfig
 
     section = cfg.get("understanding", {})
@@ -204,6 +210,8 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
     key = fingerprint("understanding", UNDERSTANDING_STAGE_VERSION, cfg.get("seed", 0), section,
                       upstream["clip"].key)
     out = Path(run_dir) / "understanding"
+    if rank_and_world()[0] != 0:  # as the clip stage: rank 0 records, the others wait for it
+        wait_for_stage(out, key)
     if stage_complete(out, key):
         metrics = json.loads((out / "metrics.json").read_text())
         print(_understanding_summary(metrics))

@@ -150,6 +150,7 @@ class TrainResult:
     seconds: float  # wall-clock of this call (a resumed run counts only its own part)
     resumed_from: int | None = None  # step of the checkpoint it resumed from
     extra: dict = field(default_factory=dict)
+    trainer: object = None  # the lightning.Trainer that ran: its rank and barrier (run.finish_on_rank_zero)
 
 
 def train_clip(encoder: ClipEncoder, images: torch.Tensor, captions: list[list[str]], cfg: ClipTrainConfig,
@@ -188,4 +189,5 @@ def train_clip(encoder: ClipEncoder, images: torch.Tensor, captions: list[list[s
     encoder.train()
     fit.fit(module, data, ckpt_path=str(last) if last.exists() else None)
     encoder.eval().cpu()
-    return TrainResult(module.loss_history, int(fit.global_step), time.perf_counter() - start, resumed)
+    return TrainResult(module.loss_history, int(fit.global_step), time.perf_counter() - start, resumed,
+                       trainer=fit)

@@ -12,7 +12,8 @@ Writes RUN_DIR/generation/:
   stage.json             written last (mark_complete)
 
 Under DDP every rank trains; global rank 0 alone measures and writes the files while the others
-wait at a barrier (`run.finish_on_rank_zero`).
+wait at a barrier (`run.finish_on_rank_zero`). The instruct stage (instruct_stage.py) continues
+this generator on BLIP3o-60k and writes the same files to RUN_DIR/instruct/.
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ def load_generator(directory: str | Path) -> Blip3oGenerator:
     gen = Blip3oGenerator(GeneratorConfig(**info["generator"]), info["feature_dim"], info["cond_dim"])
     gen.load_state_dict(load_tensors(directory / WEIGHTS))
     return gen.eval()
+
+
+def trained_generator_dir(run_dir: str | Path) -> Path:
+    """The generator a finished run samples with: RUN_DIR/instruct when instruction tuning
+    completed there (full configs with data.instruct_shards), else RUN_DIR/generation."""
+    from .artifacts import STAGE_FILE
+
+    run_dir = Path(run_dir)
+    marker = run_dir / "instruct" / STAGE_FILE
+    done = marker.exists() and json.loads(marker.read_text()).get("complete") is True
+    return run_dir / ("instruct" if done else "generation")
 
 
 def weights_hash(module: torch.nn.Module) -> str:
@@ -126,7 +138,7 @@ def train_metrics(result: TrainResult, generator: Blip3oGenerator) -> dict:
 
 def write_generator_stage(out: Path, key: str, generator: Blip3oGenerator, result: TrainResult, metrics: dict,
                           ckpt_dir: Path, config: dict) -> None:
-    """The files of a stage that trains the generator, stage.json last,
+    """The files of a stage that trains the generator (generation, instruct), stage.json last,
     then its resume state removed. Called on global rank 0 only (`run.finish_on_rank_zero`)."""
     save_generator(generator, out)
     atomic_write_json(out / "loss_history.json", result.loss_history)
@@ -176,7 +188,7 @@ def train(cfg: dict, generator: Blip3oGenerator, backbone, dataset, ckpt_dir: Pa
                        trainer=trainer)
 
 
-def _summary(m: dict) -> str:
+def _summary(m: dict, name: str = "generation") -> str:
     vqa = "n/a (no ShapesWorld)" if m["vqa_accuracy_after"] is None else f"{m['vqa_accuracy_after']:.4f}"
-    return (f"generation: {m['train_steps']} steps in {m['train_seconds']:.0f} s, final loss "
+    return (f"{name}: {m['train_steps']} steps in {m['train_seconds']:.0f} s, final loss "
             f"{m['final_loss']:.3f}; backbone unchanged: {m['backbone_unchanged']}; VQA after stage 2: {vqa}")

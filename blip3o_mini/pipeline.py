@@ -63,16 +63,17 @@ class Blip3oMiniPipeline:
     # -- loading and saving -----------------------------------------------------------
     @classmethod
     def from_run(cls, run_dir: str | Path, sampling: SamplingConfig | None = None) -> "Blip3oMiniPipeline":
-        """Assemble the pipeline from the stage artifacts of `blip3o-mini run`."""
+        """Assemble the pipeline from the stage artifacts of `blip3o-mini run` (the instruct-tuned
+        generator when that stage finished, else the generation stage's)."""
         from .decoder import PixelDecoder
         from .features import load_encoder
-        from .generation_stage import load_generator
+        from .generation_stage import load_generator, trained_generator_dir
         from .understanding_stage import load_stage_backbone
 
         run_dir = Path(run_dir)
         encoder = load_encoder(run_dir / "clip")
         backbone = load_stage_backbone(run_dir / "understanding", encoder=encoder)
-        return cls(encoder, backbone, load_generator(run_dir / "generation"),
+        return cls(encoder, backbone, load_generator(trained_generator_dir(run_dir)),
                    PixelDecoder.load(run_dir / "decoder"), sampling)
 
     @classmethod

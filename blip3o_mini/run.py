@@ -101,12 +101,14 @@ STAGES: list[tuple[str, Callable[[dict, Path, dict], StageResult]]] = [
     ("clip", lazy("clip_stage:clip_stage")),  # Stage 1a: CLIP encoder + feature cache
     ("understanding", lazy("understanding_stage:understanding_stage")),  # Stage 1b
     ("generation", lazy("generation_stage:generation_stage")),  # Stage 2: queries + DiT
+    ("instruct", lazy("instruct_stage:instruct_stage")),  # Stage 2 continued on BLIP3o-60k
     ("decoder", lazy("decoder_stage:decoder_stage")),  # CLIP features -> pixels
     ("evaluation", lazy("evaluation_stage:evaluation_stage")),  # GenEval-mini + report grid
 ]
 # What each stage reads, so a notebook asking for the decoder does not train the generator.
 NEEDS = {"data": [], "clip": ["data"], "understanding": ["data", "clip"],
-         "generation": ["data", "clip", "understanding"], "decoder": ["data", "clip"],
+         "generation": ["data", "clip", "understanding"],
+         "instruct": ["data", "clip", "understanding", "generation"], "decoder": ["data", "clip"],
          "evaluation": ["data", "clip", "understanding", "generation", "decoder"]}
 # A config that reads WebDataset shards (`data.shards`, the full runs) swaps these stages: the
 # shards are indexed, the extracted targets checked, the pretrained backbone recorded (no
@@ -116,18 +118,29 @@ SHARD_STAGES = {"data": lazy("shard_stages:data_stage"), "clip": lazy("shard_sta
 
 
 def stages_for(cfg: dict) -> list[tuple[str, Callable[[dict, Path, dict], StageResult]]]:
-    """STAGES in order, with the shard versions when the config reads WebDataset shards."""
+    """STAGES in order, with the shard versions when the config reads WebDataset shards; the
+    instruct stage only when the config names `data.instruct_shards` (the toy has none)."""
     from .shard_stages import uses_shards
 
+    stages = [(n, s) for n, s in STAGES if n != "instruct" or (cfg.get("data") or {}).get("instruct_shards")]
     if not uses_shards(cfg):
-        return STAGES
-    return [(n, SHARD_STAGES.get(n, stage)) for n, stage in STAGES]
+        return stages
+    return [(n, SHARD_STAGES.get(n, stage)) for n, stage in stages]
+
+
+def check_runs(names: list[str], cfg: dict) -> None:
+    """A ValueError when a stage asked for does not run under `cfg` (only `instruct` can be absent)."""
+    absent = sorted(set(names) - {n for n, _ in stages_for(cfg)})
+    if absent:
+        raise ValueError(f"stage(s) {absent} do not run without data.instruct_shards; set it to the "
+                         "BLIP3o-60k shards (e.g. data/BLIP3o-60k/*.tar) or drop instruct")
 
 
 def ensure_stage(name: str, cfg: dict, run_dir: str | Path) -> dict[str, StageResult]:
     """Run (or load from cache) stage `name` and the stages it reads; notebooks start here."""
     if name not in NEEDS:
         raise ValueError(f"unknown stage {name!r}; stages are {list(NEEDS)}")
+    check_runs([name], cfg)
     run_dir = Path(run_dir)
     results: dict[str, StageResult] = {}
     for n, stage in stages_for(cfg):
@@ -145,6 +158,8 @@ def selected_stages(cfg: dict) -> list[tuple[str, Callable[[dict, Path, dict], S
     missing = sorted({need for n in names for need in NEEDS[n]} - set(names))
     if missing:
         raise ValueError(f"the config's stages: {names} leave out {missing}, which they read; add them")
+    if cfg.get("stages"):
+        check_runs(names, cfg)
     return [(n, stage) for n, stage in stages_for(cfg) if n in names]
 
 

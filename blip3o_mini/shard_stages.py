@@ -84,9 +84,15 @@ def data_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
 
     section = cfg["data"]
     shards = resolve_shards(section["shards"])
+    if section.get("instruct_shards"):  # fail now rather than after stage 2's pretraining
+        from .instruct_stage import resolve_instruct_shards
+
+        resolve_instruct_shards(cfg)
     local = [s for s in shards if "://" not in s]  # remote URLs are read, not indexed
     files = [(s, Path(s).stat().st_size, Path(s).stat().st_mtime_ns) if s in local else (s,) for s in shards]
-    key = fingerprint("data-shards", DATA_VERSION, SHARD_STAGE_VERSION, section, files)
+    # instruct_shards feed the instruct stage only: new ones must not retrain stage 2 downstream
+    key = fingerprint("data-shards", DATA_VERSION, SHARD_STAGE_VERSION,
+                      {k: v for k, v in section.items() if k != "instruct_shards"}, files)
     out = Path(run_dir) / "data"
     if rank_and_world()[0] != 0:  # a launched job: rank 0 indexes, the other ranks wait for it
         wait_for_stage(out, key)

@@ -16,7 +16,7 @@ from blip3o_mini.run import ensure_stage, selected_stages
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "data" / "fixtures" / "shapesworld-sample-000000.tar"
-FULL_STAGES = ["data", "clip", "understanding", "generation"]
+FULL_STAGES = ["data", "clip", "understanding", "generation"]  # + instruct when instruct_shards is set
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +42,12 @@ def parts(tmp_path_factory):
     for k, part in enumerate((samples[:4], samples[4:])):
         write_shard(root / "shards" / f"train-{k:06d}.tar",
                     [{"key": s["key"], "image": s["image"], "caption": s["caption"]} for s in part])
+    # instruct shards: same file names as the pretraining ones (as two hub datasets may have), so
+    # their targets must live apart (FEATURES/instruct); prompts phrased as instructions
+    for k, part in enumerate((samples[:3], samples[3:6])):
+        write_shard(root / "instruct" / f"train-{k:06d}.tar",
+                    [{"key": s["key"], "image": s["image"], "caption": f"Please generate an image: {s['caption']}"}
+                     for s in part])
     torch.manual_seed(0)
     eva = ClipEncoder(ClipConfig(model_name=TINY_EVA_MODEL, image_size=224))  # 16x16 tokens -> 8x8
     save_tensors(root / "eva.safetensors", eva.model.state_dict())
@@ -51,13 +57,16 @@ def parts(tmp_path_factory):
     return root, eva
 
 
-def tiny_config(root: Path, targets: str, **clip) -> Path:
-    """full-4b with the tiny parts swapped in, on one CPU process, 3 steps."""
+def tiny_config(root: Path, targets: str, instruct: str | None = None, **clip) -> Path:
+    """full-4b with the tiny parts swapped in, on one CPU process, 3 steps; `instruct`: a shard
+    pattern for the instruct stage (2 steps), else no instruction tuning."""
     from blip3o_mini.clip_models import TINY_EVA_MODEL
 
     cfg = {"base": "full-4b",
+           "stages": FULL_STAGES + ["instruct"] * bool(instruct),
            "data": {"shards": [str(root / "shards" / "*.tar")], "targets": targets,
-                    "features_dir": str(root / "features")},
+                    "features_dir": str(root / "features"), "instruct_shards": instruct},
+           "instruct": {"train": {"max_steps": 2, "warmup_steps": 1, "lr": 1e-3}},
            "clip": {"model_name": TINY_EVA_MODEL, "pretrained": str(root / "eva.safetensors"), "image_size": 224,
                     **clip},
            "understanding": {"pretrained": str(root / "qwen")},
@@ -65,7 +74,7 @@ def tiny_config(root: Path, targets: str, **clip) -> Path:
                           "train": {"batch_size": 2, "max_steps": 3, "warmup_steps": 1, "checkpoint_every": 2}},
            "trainer": {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto",
                        "global_batch_size": None}}
-    path = root / f"tiny-{targets}-{len(clip)}.yaml"
+    path = root / f"tiny-{targets}-{len(clip)}-{bool(instruct)}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -116,6 +125,50 @@ def test_features_run_needs_extraction_then_trains_from_it(parts, capsys):
         ensure_stage("clip", cfg, root / "run-other-grid")
 
 
+def test_instruct_stage_continues_the_generation_stage_on_its_own_shards(parts, capsys):
+    from blip3o_mini.generation_stage import load_generator, trained_generator_dir, weights_hash
+
+    root, _ = parts
+    config, out = tiny_config(root, "features", str(root / "instruct" / "*.tar")), root / "run-instruct"
+    for shards, features in (("shards", root / "features"), ("instruct", root / "features" / "instruct")):
+        assert cli.main(["extract", "--shards", str(root / shards / "*.tar"), "--out", str(features),
+                         "--config", str(config)]) == 0
+    assert cli.main(["run", "--config", str(config), "--out", str(out)]) == 0
+
+    pretrained, tuned = load_generator(out / "generation"), load_generator(out / "instruct")
+    m = metrics(out, "instruct")
+    assert (m["train_steps"], m["num_train_samples"], m["num_shards"], m["targets"]) == (2, 6, 2, "features")
+    assert m["generator_hash_start"] == weights_hash(pretrained)  # it started from stage 2's weights ...
+    assert m["generator_hash_after"] == weights_hash(tuned) != weights_hash(pretrained)  # ... and trained
+    assert m["backbone_unchanged"] and json.loads((out / "instruct" / "stage.json").read_text())["complete"]
+    assert not list((out / "instruct").glob("lightning-*"))  # resume state removed once complete
+    assert trained_generator_dir(out) == out / "instruct"  # what Blip3oMiniPipeline.from_run samples with
+    assert set(json.loads((out / "report.json").read_text())["timings_s"]) == set(FULL_STAGES) | {"instruct"}
+
+    cfg = load_config(config)
+    assert all(r.skipped for r in ensure_stage("instruct", cfg, out).values())  # a re-run reuses it
+    cfg["instruct"]["train"]["max_steps"] = 3  # its own numbers key it; stage 2 stays cached
+    results = ensure_stage("instruct", cfg, out)
+    assert results["generation"].skipped and not results["instruct"].skipped
+    assert results["instruct"].metrics["train_steps"] == 3
+
+    missing = tiny_config(root, "features", str(root / "no-such-dir" / "*.tar"))
+    capsys.readouterr()
+    assert cli.main(["run", "--config", str(missing), "--out", str(root / "run-missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "data.instruct_shards: no WebDataset shard matches" in err
+    assert not (root / "run-missing" / "data" / "stage.json").exists()  # it failed before any stage ran
+    (root / "new").mkdir()
+    (root / "new" / "more-000000.tar").write_bytes((root / "instruct" / "train-000000.tar").read_bytes())
+    unextracted = tiny_config(root, "features", str(root / "new" / "*.tar"))
+    with pytest.raises(FileNotFoundError, match="blip3o-mini extract"):  # its targets were not extracted
+        ensure_stage("instruct", load_config(unextracted), out)
+    no_instruct = load_config(tiny_config(root, "features"))
+    assert [n for n, _ in selected_stages(no_instruct)] == FULL_STAGES
+    with pytest.raises(ValueError, match="do not run without data.instruct_shards"):
+        ensure_stage("instruct", no_instruct, out)
+
+
 def test_images_run_encodes_with_the_pretrained_clip_every_step(parts):
     root, eva = parts
     out = root / "run-images"
@@ -159,7 +212,7 @@ def test_shards_refuse_to_train_toy_components_and_stage_lists_are_checked(parts
     cfg["clip"]["pretrained"] = None
     with pytest.raises(ValueError, match="needs a pretrained CLIP encoder"):
         ensure_stage("clip", cfg, root / "run-untrained")
-    assert [n for n, _ in selected_stages(load_config("full-8b"))] == FULL_STAGES
+    assert [n for n, _ in selected_stages(load_config("full-8b"))] == FULL_STAGES + ["instruct"]
     assert len(selected_stages(load_config("toy"))) == 6
     with pytest.raises(ValueError, match=r"leave out \['clip', 'data'\]"):
         selected_stages({"stages": ["understanding"]})

@@ -169,6 +169,43 @@ def test_instruct_stage_continues_the_generation_stage_on_its_own_shards(parts, 
         ensure_stage("instruct", no_instruct, out)
 
 
+def test_ddp_two_processes_write_every_artifact_once_on_rank_zero(parts, tmp_path):
+    """2 CPU processes (DDP, gloo) through the real pipeline: every rank trains generation and
+    instruct, only global rank 0 writes or removes anything, and both return the same results."""
+    import subprocess
+    import sys
+
+    from blip3o_mini.generation_stage import load_generator
+
+    root, _ = parts
+    cfg = yaml.safe_load(tiny_config(root, "features", str(root / "instruct" / "*.tar")).read_text())
+    for shards, features in (("shards", root / "features"), ("instruct", root / "features" / "instruct")):
+        assert cli.main(["extract", "--shards", str(root / shards / "*.tar"), "--out", str(features),
+                         "--config", str(root / "tiny-features-0-True.yaml")]) == 0  # reused when done
+    cfg["trainer"] |= {"devices": 2, "strategy": "ddp"}
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg))
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_stage_script.py"), str(tmp_path / "ddp.yaml"),
+                           str(out), str(logs)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+    calls = [json.loads(line) for f in logs.glob("writes-*.jsonl") for line in f.read_text().splitlines()]
+    assert {c["rank"] for c in calls} == {0}  # rank 1 wrote and removed nothing
+    written = [c["path"] for c in calls if c["kind"] == "write"]
+    assert len(written) == len(set(written))  # every file once
+    for stage in ("generation", "instruct"):
+        assert str(out / stage / "generator.safetensors") in written
+        assert str(out / stage / f"lightning-{json.loads((out / stage / 'stage.json').read_text())['key']}") in \
+            [c["path"] for c in calls if c["kind"] == "rmtree"]
+        assert not list((out / stage).glob("lightning-*")) and not list((out / stage).glob(".*.tmp"))
+        load_generator(out / stage)  # complete, loadable files
+    results = [json.loads((logs / f"result-{r}.json").read_text()) for r in (0, 1)]
+    assert results[0]["stages"] == results[1]["stages"]  # rank 1 returns rank 0's StageResults
+    assert (results[1]["stages"]["generation"]["train_steps"], results[1]["stages"]["instruct"]["train_steps"]) == (3, 2)
+    assert results[1]["stages"]["generation"] == metrics(out, "generation")
+
+
 def test_images_run_encodes_with_the_pretrained_clip_every_step(parts):
     root, eva = parts
     out = root / "run-images"

@@ -25,7 +25,7 @@ import torch
 from .artifacts import atomic_write_json, fingerprint, mark_complete, stage_complete
 from .config import build
 from .features import ENCODER_DIR, FEATURES_DIR, extract_features, measure_stats, write_cache
-from .run import StageResult
+from .run import StageResult, finish_on_rank_zero, remove_stale_checkpoints
 from .training.clip import ClipTrainConfig, train_clip
 from .training.distributed import stage_trainer_config
 from .vision import ClipConfig, ClipEncoder
@@ -61,44 +61,47 @@ def clip_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     encoder = ClipEncoder(clip_cfg)
     train_images = images_uint8(ds["train"])
     metrics: dict = {}
+    result = None
     if clip_cfg.pretrained is None and train_cfg.max_steps > 0:
         ckpt_dir = out / f"lightning-{key}"  # resume state of this config only
-        for stale in out.glob("lightning-*"):
-            if stale != ckpt_dir:
-                shutil.rmtree(stale, ignore_errors=True)
+        remove_stale_checkpoints(out, ckpt_dir)
         result = train_clip(encoder, train_images, ds["train"]["captions"], train_cfg, ckpt_dir,
                             trainer=stage_trainer_config(cfg, train_cfg.precision))
-        atomic_write_json(out / "loss_history.json", result.loss_history)
         metrics |= {"train_steps": result.steps, "train_seconds": round(result.seconds, 1),
                     "resumed_from_step": result.resumed_from,
                     "final_loss": result.loss_history[-1][1] if result.loss_history else None}
 
-    t0 = time.perf_counter()
-    raw = extract_features(encoder, train_images, normalize=False)  # (N, 64, D)
-    mean, std = measure_stats(raw)
-    encoder.set_feature_stats(mean, std)
-    encoder.save(out / ENCODER_DIR)
-    train_feats = (raw - encoder.feature_mean) / encoder.feature_std if clip_cfg.normalize_features else raw
-    write_cache(encoder, train_feats, out / FEATURES_DIR, "train", data.key)
-    for split in (s for s in ds if s != "train"):
-        write_cache(encoder, extract_features(encoder, images_uint8(ds[split])), out / FEATURES_DIR, split, data.key)
-    metrics["feature_seconds"] = round(time.perf_counter() - t0, 1)
+    def write() -> None:  # global rank 0 only (run.finish_on_rank_zero): features, checks, files
+        if result is not None:
+            atomic_write_json(out / "loss_history.json", result.loss_history)
+        t0 = time.perf_counter()
+        raw = extract_features(encoder, train_images, normalize=False)  # (N, 64, D)
+        mean, std = measure_stats(raw)
+        encoder.set_feature_stats(mean, std)
+        encoder.save(out / ENCODER_DIR)
+        train_feats = (raw - encoder.feature_mean) / encoder.feature_std if clip_cfg.normalize_features else raw
+        write_cache(encoder, train_feats, out / FEATURES_DIR, "train", data.key)
+        for split in (s for s in ds if s != "train"):
+            write_cache(encoder, extract_features(encoder, images_uint8(ds[split])), out / FEATURES_DIR, split,
+                        data.key)
+        metrics["feature_seconds"] = round(time.perf_counter() - t0, 1)
 
-    t0 = time.perf_counter()
-    metrics |= evaluate_clip(encoder, ds["val"]).to_dict()
-    metrics["eval_seconds"] = round(time.perf_counter() - t0, 1)
-    metrics |= {"feature_dim": encoder.feature_dim, "num_tokens": encoder.num_tokens,
-                "normalize_features": clip_cfg.normalize_features,
-                "feature_mean_avg": float(mean.mean()), "feature_mean_abs_max": float(mean.abs().max()),
-                "feature_std_avg": float(std.mean()), "feature_std_min": float(std.min()),
-                "feature_std_max": float(std.max()), "encoder_hash": encoder.weights_hash()}
-    print(_summary(metrics))
-    atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_json(out / "config.json", {"clip": section, "data_key": data.key, "seed": cfg.get("seed", 0)})
-    mark_complete(out, key, metrics=metrics)
-    for done in out.glob("lightning-*"):  # resume state is not needed once the stage is complete
-        shutil.rmtree(done, ignore_errors=True)
-    return StageResult("clip", key, out, False, metrics)
+        t0 = time.perf_counter()
+        metrics.update(evaluate_clip(encoder, ds["val"]).to_dict())
+        metrics["eval_seconds"] = round(time.perf_counter() - t0, 1)
+        metrics.update({"feature_dim": encoder.feature_dim, "num_tokens": encoder.num_tokens,
+                        "normalize_features": clip_cfg.normalize_features,
+                        "feature_mean_avg": float(mean.mean()), "feature_mean_abs_max": float(mean.abs().max()),
+                        "feature_std_avg": float(std.mean()), "feature_std_min": float(std.min()),
+                        "feature_std_max": float(std.max()), "encoder_hash": encoder.weights_hash()})
+        print(_summary(metrics))
+        atomic_write_json(out / "metrics.json", metrics)
+        atomic_write_json(out / "config.json", {"clip": section, "data_key": data.key, "seed": cfg.get("seed", 0)})
+        mark_complete(out, key, metrics=metrics)
+        for done in out.glob("lightning-*"):  # resume state is not needed once the stage is complete
+            shutil.rmtree(done, ignore_errors=True)
+
+    return finish_on_rank_zero("clip", key, out, result and result.trainer, write)
 
 
 def _summary(m: dict) -> str:

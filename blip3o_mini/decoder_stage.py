@@ -29,7 +29,7 @@ import torch
 from .artifacts import atomic_write_json, fingerprint, mark_complete, stage_complete
 from .config import build
 from .decoder import DecoderConfig, PixelDecoder
-from .run import StageResult
+from .run import StageResult, finish_on_rank_zero, remove_stale_checkpoints
 from .training.decoder import DecoderTrainConfig, train_decoder
 from .training.distributed import stage_trainer_config
 
@@ -87,9 +87,7 @@ def save_grid(path: Path, originals: torch.Tensor, decoded: torch.Tensor, num: i
 def decoder_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     import datasets
 
-    from .data.dataset import scene_of
     from .data.tensors import images_uint8
-    from .evaluation.reconstruction import evaluate_reconstruction
     from .features import feature_stats, load_split_features
 
     section = cfg.get("decoder", {})
@@ -110,12 +108,20 @@ def decoder_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     if stats.normalized:  # the cache already holds (x - mean) / std: nothing left to undo
         stats.mean, stats.std = torch.zeros_like(stats.mean), torch.ones_like(stats.std)
     ckpt_dir = out / f"lightning-{key}"  # resume state of this config only
-    for stale in out.glob("lightning-*"):
-        if stale != ckpt_dir:
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_checkpoints(out, ckpt_dir)
     trainer = stage_trainer_config(cfg, train_cfg.precision)  # devices / nodes / strategy of the whole job
     result = train_decoder(model_cfg, train_cfg, images_uint8(ds["train"]), train_feats, ckpt_dir,
                            stats=(stats.mean, stats.std), trainer=trainer)
+    return finish_on_rank_zero("decoder", key, out, result.trainer,
+                               lambda: evaluate_and_write(result, ds, clip, key, out, ckpt_dir, train_cfg, eval_cfg))
+
+
+def evaluate_and_write(result, ds, clip, key: str, out: Path, ckpt_dir: Path, train_cfg, eval_cfg) -> None:
+    """Score the trained decoder and write the stage (global rank 0 only: run.finish_on_rank_zero)."""
+    from .data.dataset import scene_of
+    from .data.tensors import images_uint8
+    from .evaluation.reconstruction import evaluate_reconstruction
+    from .features import load_split_features
 
     t0 = time.perf_counter()
     val = ds["val"].select(range(min(eval_cfg.num_images, len(ds["val"]))))
@@ -140,7 +146,6 @@ def decoder_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     atomic_write_json(out / "metrics.json", metrics)
     mark_complete(out, key, metrics={k: metrics[k] for k in ("reconstruction_geneval_mini", "psnr_db")})
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # resume state is not needed once complete
-    return StageResult("decoder", key, out, False, metrics)
 
 
 def _summary(m: dict) -> str:

@@ -64,16 +64,26 @@ def remove_stale_checkpoints(out: Path, keep: Path) -> None:
 
 
 def finish_on_rank_zero(name: str, key: str, out: Path, trainer, write: Callable[[], None]) -> StageResult:
-    """The end of a stage that trained: `write` (every artifact, `mark_complete` last) runs on
-    global rank 0 only while the other ranks wait at the strategy's barrier. Under DDP each
-    process returns from `trainer.fit` into the stage function; without this all would write the
-    same files and remove the same checkpoint directory at once. Every rank then returns rank 0's
-    metrics, so all hold the same StageResult. `trainer` None: no training ran, one process."""
-    try:
-        if trainer is None or trainer.is_global_zero:
+    """The end of a stage: `write` (every artifact, `mark_complete` last) runs on global rank 0
+    only while the other ranks wait at the strategy's barrier. Under DDP each process returns
+    from `trainer.fit` into the stage function; without this all would write the same files and
+    remove the same checkpoint directory at once. Every rank then returns rank 0's metrics, so
+    all hold the same StageResult. `trainer` None (nothing trained): Lightning's rank from the
+    launcher's environment, and the other ranks poll for rank 0's stage.json."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if trainer is None:
+        if rank_zero_only.rank == 0:
             write()
-    finally:  # reached even when rank 0's write fails, so the others stop with the error below
-        if trainer is not None:
+        else:
+            from .shard_stages import wait_for_stage
+
+            wait_for_stage(out, key)
+    else:
+        try:
+            if trainer.is_global_zero:
+                write()
+        finally:  # reached even when rank 0's write fails, so the others stop with the error below
             trainer.strategy.barrier(f"{name}-artifacts")
     if not stage_complete(out, key):
         raise RuntimeError(f"{out}: global rank 0 did not finish writing the {name} stage; see its error")

@@ -25,7 +25,7 @@ import torch
 from .artifacts import atomic_write_json, fingerprint, mark_complete, stage_complete
 from .backbone import BackboneConfig, ToyBackbone
 from .config import build
-from .run import StageResult
+from .run import StageResult, finish_on_rank_zero, remove_stale_checkpoints
 from .training.distributed import stage_trainer_config
 from .training.understanding import UnderstandingTrainConfig, torch_threads
 
@@ -71,6 +71,7 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
     train_cfg, eval_cfg = build(UnderstandingTrainConfig, ucfg.train), build(UnderstandingEvalConfig, ucfg.eval)
     ds = datasets.load_from_disk(str(upstream["data"].path / "shapesworld"))
     metrics: dict = {}
+    result = None
     if ucfg.pretrained:
         from .qwen_vl import QwenVLBackbone
 
@@ -84,13 +85,9 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
         torch.manual_seed(cfg.get("seed", 0))
         backbone = ToyBackbone(bcfg, tokenizer)
         ckpt_dir = out / f"lightning-{key}"  # resume state of this config only
-        for stale in out.glob("lightning-*"):
-            if stale != ckpt_dir:
-                shutil.rmtree(stale, ignore_errors=True)
+        remove_stale_checkpoints(out, ckpt_dir)
         result = train_understanding(backbone, features, train_rows, train_cfg, ckpt_dir,
                                      trainer=stage_trainer_config(cfg, train_cfg.precision))
-        atomic_write_json(out / "loss_history.json", result.loss_history)
-        backbone.save(out / BACKBONE_DIR)
         backbone.encoder = load_encoder(clip.path).requires_grad_(False).eval()
         num_params = sum(p.numel() for n, p in backbone.named_parameters() if not n.startswith("encoder."))
         metrics |= {"train_steps": result.steps, "train_seconds": round(result.seconds, 1),
@@ -98,20 +95,26 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
                     "tokens_per_second": round(result.steps * train_cfg.batch_size
                                                * result.extra["tokens_per_row"] / max(result.seconds, 1e-9)),
                     "final_loss": result.loss_history[-1][1] if result.loss_history else None} | result.extra
-    with torch_threads(train_cfg.num_threads):
-        res = vqa_accuracy(backbone, ds["val"], batch_size=eval_cfg.batch_size, max_scenes=eval_cfg.max_scenes,
-                           captions=eval_cfg.captions)
-    print(res.table())
-    metrics |= res.to_metrics()
-    atomic_write_json(out / "mistakes.json", res.mistakes)
-    atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_json(out / "config.json", {"understanding": asdict(ucfg), "clip_key": clip.key,
-                                            "seed": cfg.get("seed", 0)})
-    print(summary(metrics))
-    mark_complete(out, key, metrics=metrics)
-    for done in out.glob("lightning-*"):  # resume state is not needed once the stage is complete
-        shutil.rmtree(done, ignore_errors=True)
-    return StageResult("understanding", key, out, False, metrics)
+
+    def write() -> None:  # global rank 0 only (run.finish_on_rank_zero)
+        if result is not None:
+            atomic_write_json(out / "loss_history.json", result.loss_history)
+            backbone.save(out / BACKBONE_DIR)
+        with torch_threads(train_cfg.num_threads):
+            res = vqa_accuracy(backbone, ds["val"], batch_size=eval_cfg.batch_size,
+                               max_scenes=eval_cfg.max_scenes, captions=eval_cfg.captions)
+        print(res.table())
+        metrics.update(res.to_metrics())
+        atomic_write_json(out / "mistakes.json", res.mistakes)
+        atomic_write_json(out / "metrics.json", metrics)
+        atomic_write_json(out / "config.json", {"understanding": asdict(ucfg), "clip_key": clip.key,
+                                                "seed": cfg.get("seed", 0)})
+        print(summary(metrics))
+        mark_complete(out, key, metrics=metrics)
+        for done in out.glob("lightning-*"):  # resume state is not needed once the stage is complete
+            shutil.rmtree(done, ignore_errors=True)
+
+    return finish_on_rank_zero("understanding", key, out, result and result.trainer, write)
 
 
 def summary(m: dict) -> str:

@@ -8,7 +8,7 @@ import yaml
 
 from blip3o_mini.cli import main
 from blip3o_mini.config import load_config
-from blip3o_mini.run import NEEDS, STAGES, ensure_stage, run_config
+from blip3o_mini.run import NEEDS, STAGES, ensure_stage, run_config, stages_for
 
 TINY = {
     "base": "toy",
@@ -37,8 +37,11 @@ def tiny_run(tmp_path_factory):
 
 def test_every_stage_writes_its_artifact(tiny_run):
     _, out = tiny_run
-    for name, _ in STAGES:
+    ran = [n for n, _ in stages_for(TINY)]
+    assert ran == [n for n, _ in STAGES if n != "instruct"]  # instruct needs data.instruct_shards
+    for name in ran:
         assert json.loads((out / name / "stage.json").read_text())["complete"] is True
+    assert not (out / "instruct").exists()
     assert (out / "evaluation" / "geneval" / "00000" / "metadata.jsonl").exists()
     assert (out / "evaluation" / "geneval" / "00000" / "samples" / "0000.png").exists()
     assert (out / "evaluation" / "grid.png").exists()
@@ -55,7 +58,7 @@ def test_report_has_the_promised_keys(tiny_run):
     # Understanding is preserved exactly: the frozen backbone answers as before stage 2.
     assert report["vqa"]["accuracy_after"] == report["vqa"]["accuracy_before"]
     assert report["vqa"]["backbone_unchanged"] is True
-    assert set(report["timings_s"]) == {n for n, _ in STAGES} and report["total_s"] > 0
+    assert set(report["timings_s"]) == {n for n, _ in stages_for(TINY)} and report["total_s"] > 0
     assert "GenEval-mini" in (out / "report.md").read_text()
 
 

@@ -185,6 +185,7 @@ class TrainResult:
     train_seconds: float
     images_per_second: float
     resumed_from_step: int
+    trainer: object = None  # the lightning.Trainer that ran: its rank and barrier (run.finish_on_rank_zero)
 
 
 def feature_stats(features: Tensor) -> tuple[Tensor, Tensor]:
@@ -235,4 +236,5 @@ def train_decoder(model_cfg: DecoderConfig, train_cfg: DecoderTrainConfig, image
     resumed = progress.start_step
     steps_run = max(1, fit.global_step - resumed)
     decoder = module.exported().cpu().eval()
-    return TrainResult(decoder, module.loss_curve, seconds, steps_run * train_cfg.batch_size / seconds, resumed)
+    return TrainResult(decoder, module.loss_curve, seconds, steps_run * train_cfg.batch_size / seconds, resumed,
+                       trainer=fit)

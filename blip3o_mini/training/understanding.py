@@ -56,6 +56,7 @@ class TrainResult:
     seconds: float  # wall-clock of this call (a resumed run counts only its own part)
     resumed_from: int | None = None  # step of the checkpoint it resumed from
     extra: dict = field(default_factory=dict)
+    trainer: object = None  # the lightning.Trainer that ran: its rank and barrier (run.finish_on_rank_zero)
 
 
 @contextlib.contextmanager
@@ -196,6 +197,6 @@ def train_understanding(backbone: ToyBackbone, features: torch.Tensor, rows: lis
     seconds = time.perf_counter() - start
     steps = int(fit.global_step)
     tokens_per_row = data.num_tokens() / max(1, len(data))
-    return TrainResult(module.loss_history, steps, seconds, resumed,
+    return TrainResult(module.loss_history, steps, seconds, resumed, trainer=fit,
                        extra={"rows_per_epoch": len(data), "tokens_per_row": round(tokens_per_row, 1),
                               "epochs": round(steps * cfg.batch_size / max(1, len(data)), 2)})

@@ -12,6 +12,10 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1  # weights pre-downloaded (see the
 torchrun --standalone --nproc_per_node="$NPROC" -m blip3o_mini.cli extract \
   --shards "$SHARDS" --out "$FEATURES" --config "$CONFIG" --dtype bfloat16 --batch-size 64
 blip3o-mini extract --shards "$SHARDS" --out "$FEATURES" --config "$CONFIG" --check  # all done?
+# the instruct stage's shards (data.instruct_shards), into a folder of their own
+INSTRUCT=${INSTRUCT:-"data/BLIP3o-60k/*.tar"}
+torchrun --standalone --nproc_per_node="$NPROC" -m blip3o_mini.cli extract \
+  --shards "$INSTRUCT" --out "$FEATURES/instruct" --config "$CONFIG" --dtype bfloat16 --batch-size 64
 
 # 2. training: 8 processes on this node; global batch = batch_size x 8 x accumulate
 torchrun --standalone --nproc_per_node="$NPROC" -m blip3o_mini.cli run --config "$CONFIG" \

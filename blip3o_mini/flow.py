@@ -167,17 +167,30 @@ class FlowMatching:
     time_sampling: str = "uniform"
     num_steps: int = 30
     guidance_scale: float = 3.0
+    # (x_0, t) draws per (x_1, cond) row. The condition costs a pass through the frozen LLM
+    # (forward and backward to the queries) while the DiT is small, so reusing each condition
+    # for several noisy copies buys DiT samples cheaply (MAR's `diffusion_batch_mul`, 4 there).
+    # BLIP3-o: 1.
+    noise_repeats: int = 1
 
     def __post_init__(self):
         if self.time_sampling not in TIME_SAMPLINGS:
             raise ValueError(f"unknown time_sampling {self.time_sampling!r}; choose one of {TIME_SAMPLINGS}")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
+        if self.noise_repeats < 1:
+            raise ValueError(f"noise_repeats must be >= 1, got {self.noise_repeats}")
 
     def loss(self, model: VelocityModel, x_1: Tensor, cond: Tensor, cond_mask: Tensor | None = None,
              *, x_0: Tensor | None = None, t: Tensor | None = None,
              generator: torch.Generator | None = None) -> FlowLoss:
-        """One training loss. `x_0` and `t` may be given (tests, notebooks); else sampled."""
+        """One training loss. `x_0` and `t` may be given (tests, notebooks); else sampled.
+        With `noise_repeats` r > 1 every row of `x_1` and `cond` is repeated r times first, so
+        given `x_0` / `t` are for B * r rows."""
+        if self.noise_repeats > 1:
+            r = self.noise_repeats
+            x_1, cond = x_1.repeat_interleave(r, 0), cond.repeat_interleave(r, 0)  # (B*r, N, D), (B*r, Nq, C)
+            cond_mask = None if cond_mask is None else cond_mask.repeat_interleave(r, 0)  # (B*r, Nq)
         B = x_1.shape[0]
         if x_0 is None:
             x_0 = torch.randn(x_1.shape, generator=generator, device=x_1.device, dtype=x_1.dtype)

@@ -158,6 +158,29 @@ def test_flow_matching_loss_is_mse_to_velocity():
     assert perfect.loss.item() == 0.0
 
 
+def test_noise_repeats_reuse_each_condition_for_several_noisy_copies():
+    """noise_repeats r: row i of (x_1, cond) becomes rows i*r .. i*r+r-1, each with its own
+    (x_0, t); the loss is the plain loss of those repeated rows."""
+    fm, plain = FlowMatching(cond_drop_prob=0.0, noise_repeats=3), FlowMatching(cond_drop_prob=0.0)
+    x_1, cond = rand(2, 64, 8, seed=19), rand(2, 3, 5, seed=20)
+    x_0, t = rand(6, 64, 8, seed=21), torch.rand(6, generator=gen(22))
+    seen = {}
+
+    def model(x_t, t, cond, cond_mask):
+        seen["cond"] = cond
+        return 0.5 * x_t
+
+    out = fm.loss(model, x_1, cond, x_0=x_0, t=t)
+    assert torch.equal(seen["cond"], cond[[0, 0, 0, 1, 1, 1]])
+    assert torch.equal(out.v_target, x_1[[0, 0, 0, 1, 1, 1]] - x_0)
+    ref = plain.loss(model, x_1.repeat_interleave(3, 0), cond.repeat_interleave(3, 0), x_0=x_0, t=t)
+    assert torch.allclose(out.loss, ref.loss)
+    drawn = fm.loss(model, x_1, cond, generator=gen(23))  # sampled: six different times
+    assert drawn.t.shape == (6,) and drawn.t.unique().numel() == 6
+    with pytest.raises(ValueError, match="noise_repeats"):
+        FlowMatching(noise_repeats=0)
+
+
 def test_flow_matching_passes_null_condition_to_model_and_samples():
     fm = FlowMatching(cond_drop_prob=0.5, num_steps=4, guidance_scale=2.0)
     seen = {}

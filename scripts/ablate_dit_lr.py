@@ -9,7 +9,7 @@ run's queries and frozen backbone, then fresh DiTs of the run's size are trained
 (Q, CLIP features) pairs with `FlowMatching.loss`, AdamW, 100 warmup steps then a constant lr,
 gradient clipping 1.0. Freezing Q isolates the DiT: each step costs a DiT step only, not the
 pass through the LLM, so the sweep runs in minutes. Every `--eval-every` steps it prints the
-validation flow loss on 256 held-out images with their own Q and with the null Q (zeros) at
+validation flow loss on (up to) 256 held-out images with their own Q and with the null Q (zeros) at
 fixed (noise, t); the gap between the two is how much the DiT reads its prompt.
 """
 
@@ -54,10 +54,11 @@ def main() -> None:
 
     t0 = time.perf_counter()
     q_train = condition([c[0] for c in ds["train"]["captions"]])  # (N, Nq, K)
-    q_val = condition([c[0] for c in ds["val"].select(range(256))["captions"]])  # (256, Nq, K)
+    n_val = min(256, len(ds["val"]))
+    q_val = condition([c[0] for c in ds["val"].select(range(n_val))["captions"]])  # (V, Nq, K)
     x_train = gen.normalize(load_split_features(run / "clip", "train"))  # (N, 64, F)
-    x_val = gen.normalize(load_split_features(run / "clip", "val")[:256])  # (256, 64, F)
-    print(f"Q of {len(q_train)} train and 256 val captions cached in {time.perf_counter() - t0:.0f} s")
+    x_val = gen.normalize(load_split_features(run / "clip", "val")[:n_val])  # (V, 64, F)
+    print(f"Q of {len(q_train)} train and {n_val} val captions cached in {time.perf_counter() - t0:.0f} s")
 
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(x_val.shape, generator=g)  # fixed noise and times: comparable evaluations

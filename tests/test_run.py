@@ -88,3 +88,20 @@ def test_generate_command_writes_a_png(tiny_run, tmp_path):
 
     assert Image.open(png).size == (64, 64)
     assert main(["generate", "  ", "-o", str(png), "--run-dir", str(out)]) == 2  # one-line error
+
+
+def test_dit_lr_ablation_script_trains_fresh_dits_on_the_runs_q(tiny_run, monkeypatch, capsys):
+    """scripts/ablate_dit_lr.py (the README's learning-rate figures) on a finished run."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    _, out = tiny_run
+    script = Path(__file__).parents[1] / "scripts" / "ablate_dit_lr.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--lrs", "1e-3", "3e-3",
+                                      "--steps", "2", "--eval-every", "1", "--batch-size", "4"])
+    runpy.run_path(str(script), run_name="__main__")
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    assert [(float(r[0]), int(r[1]), int(r[2])) for r in rows] == [(1e-3, 1, 1), (1e-3, 1, 2), (3e-3, 1, 1), (3e-3, 1, 2)]
+    own, null = float(rows[-1][3]), float(rows[-1][4])
+    assert 0 < own < 100 and 0 < null < 100

@@ -13,6 +13,9 @@ LAUNCH=(torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" --rdzv_backend=c10
 
 "${LAUNCH[@]}" -m blip3o_mini.cli extract --shards "${SHARDS:-data/BLIP3o-Pretrain-*/*.tar}" \
   --out "runs/$CONFIG/features" --config "$CONFIG" --dtype bfloat16
+# the instruct stage's shards (data.instruct_shards), into a folder of their own
+"${LAUNCH[@]}" -m blip3o_mini.cli extract --shards "${INSTRUCT:-data/BLIP3o-60k/*.tar}" \
+  --out "runs/$CONFIG/features/instruct" --config "$CONFIG" --dtype bfloat16
 # 4 nodes x 8 GPUs x 16 = 512: BLIP3-o's global batch without accumulation
 "${LAUNCH[@]}" -m blip3o_mini.cli run --config "$CONFIG" \
   --devices "$NPROC" --num-nodes "$NNODES" --strategy deepspeed_stage_1 --precision bf16-mixed

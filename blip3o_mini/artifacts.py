@@ -73,8 +73,8 @@ def load_tensors(path: str | Path) -> dict:
     return load_file(str(path))
 
 
-def stage_complete(stage_dir: str | Path, key: str) -> bool:
-    """True when `stage_dir` holds a finished stage whose fingerprint is `key`."""
+def stage_complete(stage_dir: str | Path, key: str | None) -> bool:
+    """True when `stage_dir` holds a finished stage whose fingerprint is `key` (None: any)."""
     f = Path(stage_dir) / STAGE_FILE
     if not f.exists():
         return False
@@ -82,7 +82,7 @@ def stage_complete(stage_dir: str | Path, key: str) -> bool:
         info = json.loads(f.read_text())
     except json.JSONDecodeError:
         return False
-    return info.get("key") == key and info.get("complete") is True
+    return (key is None or info.get("key") == key) and info.get("complete") is True
 
 
 def mark_complete(stage_dir: str | Path, key: str, **info: Any) -> None:

@@ -58,12 +58,8 @@ def load_generator(directory: str | Path) -> Blip3oGenerator:
 def trained_generator_dir(run_dir: str | Path) -> Path:
     """The generator a finished run samples with: RUN_DIR/instruct when instruction tuning
     completed there (full configs with data.instruct_shards), else RUN_DIR/generation."""
-    from .artifacts import STAGE_FILE
-
     run_dir = Path(run_dir)
-    marker = run_dir / "instruct" / STAGE_FILE
-    done = marker.exists() and json.loads(marker.read_text()).get("complete") is True
-    return run_dir / ("instruct" if done else "generation")
+    return run_dir / ("instruct" if stage_complete(run_dir / "instruct", None) else "generation")
 
 
 def weights_hash(module: torch.nn.Module) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..backbone import ToyBackbone
 from ..tokenizer import CAPTION_PROMPT
+from .clip import TrainResult  # the same result record as the CLIP and generation recipes
 from .distributed import TrainerConfig, make_trainer
 from .packing import IGNORE, Packer, PackedRow, collate_rows, packed_attention_mask
 
@@ -47,16 +48,6 @@ class UnderstandingTrainConfig:
     log_every: int = 10
     print_every: int = 100  # a progress line (step, loss, seconds); 0: silent
     checkpoint_every: int = 50
-
-
-@dataclass
-class TrainResult:
-    loss_history: list[tuple[int, float]]  # (step, loss) every log_every steps
-    steps: int
-    seconds: float  # wall-clock of this call (a resumed run counts only its own part)
-    resumed_from: int | None = None  # step of the checkpoint it resumed from
-    extra: dict = field(default_factory=dict)
-    trainer: object = None  # the lightning.Trainer that ran: its rank and barrier (run.finish_on_rank_zero)
 
 
 @contextlib.contextmanager

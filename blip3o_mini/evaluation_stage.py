@@ -23,10 +23,6 @@ EVALUATION_STAGE_VERSION = 1
 class EvaluationConfig:
     samples_per_prompt: int = 4  # GenEval's own number
     prompts_per_batch: int = 16
-    num_inference_steps: int = 30  # BLIP3-o: 30 Euler steps, CFG 3.0
-    guidance_scale: float = 3.0
-    decoder_steps: int = 20
-    decoder_guidance_scale: float = 1.5
     seed: int = 0
     grid_prompts: int = 12
     prompts_per_tag: int | None = None  # None: all 54 of every tag (a smaller number for smoke tests)
@@ -39,7 +35,9 @@ def evaluation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
 
     section = cfg.get("evaluation", {})
     ecfg = build(EvaluationConfig, section)
-    key = fingerprint("evaluation", EVALUATION_STAGE_VERSION, section,
+    # Sampling numbers are the config's own (generation.flow, decoder.eval), as every pipeline's.
+    sampling = SamplingConfig.from_config(cfg)
+    key = fingerprint("evaluation", EVALUATION_STAGE_VERSION, section, asdict(sampling),
                       *(upstream[s].key for s in ("clip", "understanding", "generation", "decoder")))
     out = Path(run_dir) / "evaluation"
     if stage_complete(out, key):
@@ -47,8 +45,6 @@ def evaluation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
         print(_summary(metrics))
         return StageResult("evaluation", key, out, True, metrics)
 
-    sampling = SamplingConfig(ecfg.num_inference_steps, ecfg.guidance_scale, ecfg.decoder_steps,
-                              ecfg.decoder_guidance_scale)
     pipe = Blip3oMiniPipeline.from_run(run_dir, sampling)
     pipe.save_pretrained(out / "pipeline")
 
@@ -68,7 +64,7 @@ def evaluation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
         part = [r for r in result.records if r["unseen"] == flag]
         summary[name] = summarize(part).overall if part else None
     metrics = {"geneval_mini": summary, "num_images": len(prompts) * ecfg.samples_per_prompt,
-               "sampling": asdict(ecfg)}
+               "sampling": asdict(ecfg) | asdict(sampling)}
     grid_figure(folder, out / "grid.png", ecfg.grid_prompts)
     print(_summary(metrics))
     atomic_write_json(out / "metrics.json", metrics)

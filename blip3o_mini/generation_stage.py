@@ -73,13 +73,23 @@ def weights_hash(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+SAMPLING_KEYS = ("num_steps", "guidance_scale")  # generation.flow keys read only when sampling
+
+
+def training_section(section: dict) -> dict:
+    """The `generation:` section less the flow's sampling keys: the stage's fingerprint, so a
+    change of sampling steps or CFG scale re-runs the evaluation, not the training."""
+    flow = {k: v for k, v in (section.get("flow") or {}).items() if k not in SAMPLING_KEYS}
+    return {**section, "flow": flow} if "flow" in section else dict(section)
+
+
 def generation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     from . import shard_stages
     from .understanding_stage import evaluate_stage_vqa, load_stage_backbone
 
     section = cfg.get("generation", {})
     clip, und, data = upstream["clip"], upstream["understanding"], upstream["data"]
-    key = fingerprint("generation", GENERATION_STAGE_VERSION, cfg.get("seed", 0), section,
+    key = fingerprint("generation", GENERATION_STAGE_VERSION, cfg.get("seed", 0), training_section(section),
                       clip.key, und.key)
     out = Path(run_dir) / "generation"
     if stage_complete(out, key):

@@ -153,10 +153,21 @@ def ensure_stage(name: str, cfg: dict, run_dir: str | Path) -> dict[str, StageRe
     check_runs([name], cfg)
     run_dir = Path(run_dir)
     results: dict[str, StageResult] = {}
-    for n, stage in stages_for(cfg):
-        if n == name or n in NEEDS[name]:
-            results[n] = stage(cfg, run_dir, results)
+    with stage_attention_kernel(cfg):
+        for n, stage in stages_for(cfg):
+            if n == name or n in NEEDS[name]:
+                results[n] = stage(cfg, run_dir, results)
     return results
+
+
+def stage_attention_kernel(cfg: dict):
+    """The attention kernel the config's `trainer:` section asks for, around training,
+    feature extraction, sampling and evaluation alike (training/attention_kernel.py)."""
+    from .training.attention_kernel import attention_kernel
+    from .training.distributed import trainer_config
+
+    tc = trainer_config(cfg)
+    return attention_kernel(tc.attention, tc.accelerator)
 
 
 def selected_stages(cfg: dict) -> list[tuple[str, Callable[[dict, Path, dict], StageResult]]]:
@@ -197,11 +208,12 @@ def run_pipeline(cfg: dict, run_dir: str | Path) -> dict:
     results: dict[str, StageResult] = {}
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    for name, stage in selected_stages(cfg):
-        print(f"== stage: {name}")
-        t0 = time.perf_counter()
-        results[name] = stage(cfg, run_dir, results)
-        timings[name] = round(time.perf_counter() - t0, 2)
+    with stage_attention_kernel(cfg):
+        for name, stage in selected_stages(cfg):
+            print(f"== stage: {name}")
+            t0 = time.perf_counter()
+            results[name] = stage(cfg, run_dir, results)
+            timings[name] = round(time.perf_counter() - t0, 2)
     total = round(time.perf_counter() - start, 2)
     print(f"\n{'stage':<16} {'time (s)':>9}  status")
     for name, r in results.items():

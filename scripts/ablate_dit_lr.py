@@ -16,6 +16,7 @@ fixed (noise, t); the gap between the two is how much the DiT reads its prompt.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from pathlib import Path
 
@@ -31,6 +32,8 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--precision", nargs="+", default=["32-true"], choices=["32-true", "bf16-mixed"],
+                   help="training step precision(s) to compare (bf16-mixed: CPU bf16 autocast)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,27 +76,27 @@ def main() -> None:
         dit.train()
         return own, null
 
-    print(f"{'lr':>8} {'repeats':>7} {'step':>6} {'val own Q':>9} {'null Q':>7} {'gap':>6} {'s':>6}")
-    for repeats in args.noise_repeats:
-        for lr in args.lrs:
-            torch.manual_seed(0)
-            dit = NextDiT(gen.dit_cfg)
-            flow = FlowMatching(**{**gen.cfg.flow, "noise_repeats": repeats})
-            opt = torch.optim.AdamW(dit.parameters(), lr, weight_decay=0.0)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
-            start = time.perf_counter()
-            for step in range(1, args.steps + 1):
-                i = torch.randint(0, len(q_train), (args.batch_size,))
+    print(f"{'precision':>10} {'lr':>8} {'repeats':>7} {'step':>6} {'val own Q':>9} {'null Q':>7} {'gap':>6} {'s':>6}")
+    for precision, repeats, lr in itertools.product(args.precision, args.noise_repeats, args.lrs):
+        torch.manual_seed(0)
+        dit = NextDiT(gen.dit_cfg)
+        flow = FlowMatching(**{**gen.cfg.flow, "noise_repeats": repeats})
+        opt = torch.optim.AdamW(dit.parameters(), lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+        start = time.perf_counter()
+        for step in range(1, args.steps + 1):
+            i = torch.randint(0, len(q_train), (args.batch_size,))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
                 loss = flow.loss(dit, x_train[i], q_train[i]).loss
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                if step % args.eval_every == 0 or step == args.steps:
-                    own, null = val_losses(dit)
-                    print(f"{lr:>8.0e} {repeats:>7} {step:>6} {own:>9.4f} {null:>7.4f} {1 - own / null:>6.1%} "
-                          f"{time.perf_counter() - start:>6.0f}", flush=True)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            if step % args.eval_every == 0 or step == args.steps:
+                own, null = val_losses(dit)
+                print(f"{precision:>10} {lr:>8.0e} {repeats:>7} {step:>6} {own:>9.4f} {null:>7.4f} {1 - own / null:>6.1%} "
+                      f"{time.perf_counter() - start:>6.0f}", flush=True)
 
 
 if __name__ == "__main__":

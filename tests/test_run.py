@@ -22,7 +22,7 @@ TINY = {
     "decoder": {"block_out_channels": [8, 16], "cross_attention_dim": 16, "attention_head_dim": 8,
                 "norm_num_groups": 4, "train": {"batch_size": 8, "max_steps": 2},
                 "eval": {"num_images": 6, "num_inference_steps": 2}},
-    "evaluation": {"prompts_per_tag": 1, "num_inference_steps": 2, "decoder_steps": 2},
+    "evaluation": {"prompts_per_tag": 1},  # samples with generation.flow and decoder.eval's 2 steps
 }
 
 
@@ -99,9 +99,25 @@ def test_dit_lr_ablation_script_trains_fresh_dits_on_the_runs_q(tiny_run, monkey
     _, out = tiny_run
     script = Path(__file__).parents[1] / "scripts" / "ablate_dit_lr.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--lrs", "1e-3", "3e-3",
-                                      "--steps", "2", "--eval-every", "1", "--batch-size", "4"])
+                                      "--steps", "2", "--eval-every", "1", "--batch-size", "4",
+                                      "--precision", "32-true", "bf16-mixed"])
     runpy.run_path(str(script), run_name="__main__")
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
-    assert [(float(r[0]), int(r[1]), int(r[2])) for r in rows] == [(1e-3, 1, 1), (1e-3, 1, 2), (3e-3, 1, 1), (3e-3, 1, 2)]
-    own, null = float(rows[-1][3]), float(rows[-1][4])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.split()[:1] in (["32-true"], ["bf16-mixed"])]
+    assert [(r[0], float(r[1]), int(r[2]), int(r[3])) for r in rows] == [
+        (p, lr, 1, s) for p in ("32-true", "bf16-mixed") for lr in (1e-3, 3e-3) for s in (1, 2)]
+    own, null = float(rows[-1][4]), float(rows[-1][5])
     assert 0 < own < 100 and 0 < null < 100
+
+
+def test_sampling_settings_rerun_the_evaluation_not_the_training(tiny_run):
+    """generation.flow's num_steps / guidance_scale are read when sampling only: changing them
+    keeps the trained generator and re-runs the evaluation with the new numbers (last in this
+    file: it replaces the tiny run's evaluation)."""
+    _, out = tiny_run
+    cfg = run_config(out)
+    cfg["generation"]["flow"]["guidance_scale"] = 1.0
+    results = ensure_stage("evaluation", cfg, out)
+    assert results["generation"].skipped and results["decoder"].skipped
+    assert not results["evaluation"].skipped
+    assert results["evaluation"].metrics["sampling"]["guidance_scale"] == 1.0

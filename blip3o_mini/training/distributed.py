@@ -34,10 +34,14 @@ class TrainerConfig:
     precision: str = "32-true"  # "bf16-mixed" on GPUs (BLIP3-o trains in bf16)
     accumulate_grad_batches: int = 1
     global_batch_size: int | None = None  # if set: checked against batch_size x devices x nodes x accumulation
+    attention: str = "auto"  # SDPA kernel: auto (math on CPU, fused on GPU), math, default (attention_kernel.py)
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown trainer.strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        from .attention_kernel import uses_math_kernel
+
+        uses_math_kernel(self.attention, self.accelerator)  # a clear error for an unknown kernel name
         if self.num_nodes < 1 or self.accumulate_grad_batches < 1:
             raise ValueError(f"trainer.num_nodes and trainer.accumulate_grad_batches must be >= 1, got "
                              f"{self.num_nodes} and {self.accumulate_grad_batches}")
@@ -88,7 +92,7 @@ def check_global_batch(tc: TrainerConfig, batch_size: int) -> int:
 def trainer_kwargs(tc: TrainerConfig, **overrides) -> dict:
     """Keyword arguments for `lightning.Trainer` (stage-specific ones, e.g. `max_steps`,
     `gradient_clip_val`, `callbacks`, go in `overrides`)."""
-    kw = {k: v for k, v in asdict(tc).items() if k != "global_batch_size"}
+    kw = {k: v for k, v in asdict(tc).items() if k not in ("global_batch_size", "attention")}
     kw["use_distributed_sampler"] = False  # data/sharding.py shards the data
     return kw | overrides
 

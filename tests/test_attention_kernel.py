@@ -1,0 +1,64 @@
+"""The attention kernel setting (training/attention_kernel.py): the math SDPA kernel on CPU
+runs, the same attention, and the pipeline runs its stages inside it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blip3o_mini.training.attention_kernel import attention_kernel, uses_math_kernel
+from blip3o_mini.training.distributed import TrainerConfig, trainer_kwargs
+
+
+def test_auto_picks_math_on_cpu_and_leaves_gpus_alone():
+    assert uses_math_kernel("auto", "cpu")
+    assert not uses_math_kernel("auto", "gpu")
+    assert uses_math_kernel("math", "gpu")
+    assert not uses_math_kernel("default", "cpu")
+
+
+def test_the_kernel_is_set_inside_the_block_and_restored_after():
+    assert torch.backends.cuda.flash_sdp_enabled()
+    with attention_kernel("auto", "cpu"):
+        assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()
+    with attention_kernel("default", "cpu"):
+        assert torch.backends.cuda.flash_sdp_enabled()
+
+
+def test_math_kernel_computes_the_same_attention_and_gradients():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 65, 32, requires_grad=True) for _ in range(3))  # (B, H, N, Dh)
+
+    def run():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        return out.detach(), grads
+
+    fused, fused_grads = run()
+    with attention_kernel("math", "cpu"):
+        math, math_grads = run()
+    torch.testing.assert_close(math, fused, rtol=1e-4, atol=1e-5)
+    for a, b in zip(math_grads, fused_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_kernel_is_a_clear_error_and_not_a_lightning_argument():
+    with pytest.raises(ValueError, match="trainer.attention 'flash2'; choose one of auto, math, default"):
+        TrainerConfig(attention="flash2")
+    assert "attention" not in trainer_kwargs(TrainerConfig())
+
+
+def test_pipeline_runs_its_stages_inside_the_kernel(monkeypatch, tmp_path):
+    from blip3o_mini import run
+
+    seen = []
+
+    def stage(cfg, run_dir, upstream):
+        seen.append(torch.backends.cuda.flash_sdp_enabled())
+        return run.StageResult("data", "k", run_dir, True, {})
+
+    monkeypatch.setattr(run, "stages_for", lambda cfg: [("data", stage)])
+    run.ensure_stage("data", {"trainer": {"accelerator": "cpu"}}, tmp_path)
+    run.ensure_stage("data", {"trainer": {"accelerator": "cpu", "attention": "default"}}, tmp_path)
+    assert seen == [False, True]
+    assert torch.backends.cuda.flash_sdp_enabled()

@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-import torch
-
 ATTENTION_KERNELS = ("auto", "math", "default")
 
 
@@ -25,7 +23,11 @@ def uses_math_kernel(attention: str, accelerator: str) -> bool:
     if attention not in ATTENTION_KERNELS:
         raise ValueError(f"unknown trainer.attention {attention!r}; choose one of {', '.join(ATTENTION_KERNELS)}")
     if attention == "auto":
-        return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+        if accelerator == "auto":
+            import torch  # here, so checking a config's trainer: section does not import torch
+
+            return not torch.cuda.is_available()
+        return accelerator == "cpu"
     return attention == "math"
 
 

@@ -17,11 +17,16 @@ from typing import Iterator
 ATTENTION_KERNELS = ("auto", "math", "default")
 
 
+def check_attention(attention: str) -> None:
+    """A one-line error for a kernel name that is not one of ATTENTION_KERNELS."""
+    if attention not in ATTENTION_KERNELS:
+        raise ValueError(f"unknown trainer.attention {attention!r}; choose one of {', '.join(ATTENTION_KERNELS)}")
+
+
 def uses_math_kernel(attention: str, accelerator: str) -> bool:
     """`auto`: the math kernel when the job runs on CPU (accelerator "cpu", or "auto" without
     CUDA); `math`: always; `default`: never (PyTorch's own choice)."""
-    if attention not in ATTENTION_KERNELS:
-        raise ValueError(f"unknown trainer.attention {attention!r}; choose one of {', '.join(ATTENTION_KERNELS)}")
+    check_attention(attention)
     if attention == "auto":
         if accelerator == "auto":
             import torch  # here, so checking a config's trainer: section does not import torch

@@ -39,9 +39,9 @@ class TrainerConfig:
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown trainer.strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        from .attention_kernel import uses_math_kernel
+        from .attention_kernel import check_attention
 
-        uses_math_kernel(self.attention, self.accelerator)  # a clear error for an unknown kernel name
+        check_attention(self.attention)
         if self.num_nodes < 1 or self.accumulate_grad_batches < 1:
             raise ValueError(f"trainer.num_nodes and trainer.accumulate_grad_batches must be >= 1, got "
                              f"{self.num_nodes} and {self.accumulate_grad_batches}")

@@ -18,6 +18,7 @@ import copy
 from dataclasses import asdict, dataclass
 
 from ..config import build
+from .attention_kernel import check_attention
 
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp",
               "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
@@ -39,8 +40,6 @@ class TrainerConfig:
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown trainer.strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        from .attention_kernel import check_attention
-
         check_attention(self.attention)
         if self.num_nodes < 1 or self.accumulate_grad_batches < 1:
             raise ValueError(f"trainer.num_nodes and trainer.accumulate_grad_batches must be >= 1, got "

@@ -38,6 +38,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from blip3o_mini.run import run_config, stage_attention_kernel
+
+    with stage_attention_kernel(run_config(args.run_dir.expanduser())):  # math SDPA on CPU, as the stages
+        sweep(args)
+
+
+def sweep(args: argparse.Namespace) -> None:
     import datasets
 
     from blip3o_mini.dit import NextDiT

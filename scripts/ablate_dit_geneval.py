@@ -1,0 +1,136 @@
+"""GenEval-mini of fresh toy DiTs by training steps, with and without an exponential moving
+average (EMA) of the weights: is the generation stage step-starved, and would an EMA (as the
+decoder keeps) help? (README, "Status of the toy run").
+
+    python scripts/ablate_dit_geneval.py --run-dir ~/.cache/blip3o-mini/runs/toy --steps 1800 --decays 0.99 0.995
+    python scripts/ablate_dit_geneval.py --run-dir ~/.cache/blip3o-mini/runs/toy --steps 5400 --score-at 1800 3600 --decays
+
+With the decoder's warm-up (decay min(d, (1 + step) / (10 + step))) any d above 0.995 acts as
+0.995 within 1800 steps.
+
+As `ablate_dit_lr.py`, the condition Q of every training caption (all paraphrases) is computed
+once with a finished run's queries and frozen backbone, so a step costs a DiT step only. One
+fresh DiT trains with the toy stage's recipe (AdamW, warmup, cosine decay over `--steps`, noise
+repeats, bf16 autocast) while EMA copies at each decay follow its weights. At each `--score-at`
+step and at the end, each set of weights replaces the run pipeline's DiT and generates the
+GenEval-mini prompts (the evaluation stage's prompts, seeds and sampling), which the GenEval-mini
+detector scores. Scores at intermediate steps come from a schedule still mid-decay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run-dir", type=Path, required=True, help="a finished toy run (blip3o-mini run)")
+    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--decays", type=float, nargs="*", default=[0.99, 0.995])
+    p.add_argument("--score-at", type=int, nargs="*", default=[], help="also score at these steps")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--min-lr", type=float, default=4e-4)
+    p.add_argument("--time-sampling", default=None, help="override generation.flow.time_sampling")
+    p.add_argument("--q-cache", type=Path, default=None, help="save/load the cached Q here (bf16)")
+    args = p.parse_args()
+
+    from blip3o_mini.pipeline import Blip3oMiniPipeline, SamplingConfig
+    from blip3o_mini.run import run_config, stage_attention_kernel
+
+    run = args.run_dir.expanduser()
+    cfg = run_config(run)
+    pipe = Blip3oMiniPipeline.from_run(run, SamplingConfig.from_config(cfg))
+    with stage_attention_kernel(cfg):  # the math SDPA kernel on CPU, as the stages run
+        q, x, rows = cached_pairs(pipe, run, args.q_cache)
+        results = train_and_score(pipe, q, x, rows, args, cfg)
+    print(json.dumps({k: round(v["overall"], 4) for k, v in results.items()}))
+
+
+def cached_pairs(pipe, run: Path, q_cache: Path | None):
+    """Q (P, Nq, K) bf16 of every (caption paraphrase, image) pair, the CLIP features (N, 64, F)
+    standardised as the generator trains on them, and each pair's image row (P,)."""
+    import datasets
+
+    from blip3o_mini.features import load_split_features
+
+    gen, backbone = pipe.generator, pipe.backbone
+    captions = datasets.load_from_disk(str(run / "data" / "shapesworld"))["train"]["captions"]
+    rows = torch.tensor([r for r, options in enumerate(captions) for _ in options])  # (P,)
+    texts = [t for options in captions for t in options]
+    t0 = time.perf_counter()
+    if q_cache and q_cache.exists():
+        q = torch.load(q_cache)
+    else:
+        with torch.no_grad():  # bf16 halves the memory of ~40k conditions
+            q = torch.cat([gen.condition(backbone, texts[i:i + 500]).bfloat16() for i in range(0, len(texts), 500)])
+        if q_cache:
+            torch.save(q, q_cache)
+    x = gen.normalize(load_split_features(run / "clip", "train"))  # (N, 64, F)
+    print(f"Q of {len(texts)} captions ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    return q, x, rows
+
+
+def train_and_score(pipe, q, x, rows, args, cfg) -> dict:
+    """Train a fresh DiT with the toy stage's recipe; GenEval-mini summaries by weights and step."""
+    from blip3o_mini.dit import NextDiT
+    from blip3o_mini.flow import FlowMatching
+    from blip3o_mini.training.generation import cosine_with_warmup
+
+    gen, results = pipe.generator, {}
+    flow = FlowMatching(**{**gen.cfg.flow, **({"time_sampling": args.time_sampling} if args.time_sampling else {})})
+    torch.manual_seed(0)
+    dit = NextDiT(gen.dit_cfg)
+    emas = {d: copy.deepcopy(dit).requires_grad_(False) for d in args.decays}
+    opt = torch.optim.AdamW(dit.parameters(), args.lr, weight_decay=0.0)
+    warmup = cfg["generation"].get("train", {}).get("warmup_steps", 100)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cosine_with_warmup(s, warmup, args.steps, args.min_lr / args.lr))
+    start = time.perf_counter()
+    for step in range(args.steps):
+        i = torch.randint(0, len(q), (args.batch_size,))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = flow.loss(dit, x[rows[i]], q[i].float()).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():  # the decoder's EMA (training/decoder.py), warm-up included
+            for d, e in emas.items():
+                for pe, pd in zip(e.parameters(), dit.parameters()):
+                    pe.lerp_(pd, 1 - min(d, (1 + step) / (10 + step)))
+        if (step + 1) % 200 == 0:
+            print(f"step {step + 1}  loss {loss.item():.4f}  {time.perf_counter() - start:.0f} s", flush=True)
+        if step + 1 in args.score_at or step + 1 == args.steps:
+            for name, weights in [("raw", dit)] + [(f"ema {d}", e) for d, e in emas.items()]:
+                results[f"{name} @ {step + 1}"] = score(pipe, weights, f"{name} @ {step + 1}")
+    return results
+
+
+def score(pipe, dit, name: str) -> dict:
+    """GenEval-mini of the pipeline with `dit`'s weights: the evaluation stage's prompts and seeds."""
+    from blip3o_mini.evaluation import make_prompts, score_folder, write_geneval_folder
+
+    pipe.generator.dit.load_state_dict(dit.state_dict())
+
+    def generate(batch: list[dict], seed: int) -> list:
+        return pipe([m["prompt"] for m in batch], generator=torch.Generator().manual_seed(seed)).images
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_geneval_folder(Path(tmp) / "geneval", make_prompts(), generate, 1, 54, 0)
+        s = score_folder(folder, write=False).summary()
+    print(f"{name:>16}: GenEval-mini overall {s['overall']:.3f}  "
+          + "  ".join(f"{k} {v:.2f}" for k, v in s.items() if k != "overall" and v is not None), flush=True)
+    return s
+
+
+if __name__ == "__main__":
+    main()

@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--min-lr", type=float, default=4e-4)
     p.add_argument("--time-sampling", default=None, help="override generation.flow.time_sampling")
+    p.add_argument("--cross-gate-init", type=float, default=0.0,
+                   help="start every block's cross-attention gate here (0: the paper's closed gates)")
     p.add_argument("--q-cache", type=Path, default=None, help="save/load the cached Q here (bf16)")
     args = p.parse_args()
 
@@ -88,6 +90,9 @@ def train_and_score(pipe, q, x, rows, args, cfg) -> dict:
     flow = FlowMatching(**{**gen.cfg.flow, **({"time_sampling": args.time_sampling} if args.time_sampling else {})})
     torch.manual_seed(0)
     dit = NextDiT(gen.dit_cfg)
+    with torch.no_grad():
+        for block in dit.blocks:
+            block.cross_gate.fill_(args.cross_gate_init)  # (H,): tanh(gate) scales the cross-attention
     emas = {d: copy.deepcopy(dit).requires_grad_(False) for d in args.decays}
     opt = torch.optim.AdamW(dit.parameters(), args.lr, weight_decay=0.0)
     warmup = cfg["generation"].get("train", {}).get("warmup_steps", 100)

@@ -1,6 +1,7 @@
 """GenEval-mini of fresh toy DiTs by training steps, with and without an exponential moving
-average (EMA) of the weights: is the generation stage step-starved, and would an EMA (as the
-decoder keeps) help? (README, "Status of the toy run").
+average (EMA) of the weights, with closed or open cross-attention gates: is the generation stage
+step-starved, would an EMA (as the decoder keeps) help, do the zero-initialised gates hold the
+prompt back? (README, "Status of the toy run").
 
     python scripts/ablate_dit_geneval.py --run-dir ~/.cache/blip3o-mini/runs/toy --steps 1800 --decays 0.99 0.995
     python scripts/ablate_dit_geneval.py --run-dir ~/.cache/blip3o-mini/runs/toy --steps 5400 --score-at 1800 3600 --decays
@@ -41,7 +42,8 @@ def main() -> None:
     p.add_argument("--time-sampling", default=None, help="override generation.flow.time_sampling")
     p.add_argument("--cross-gate-init", type=float, default=0.0,
                    help="start every block's cross-attention gate here (0: the paper's closed gates)")
-    p.add_argument("--q-cache", type=Path, default=None, help="save/load the cached Q here (bf16)")
+    p.add_argument("--q-cache", type=Path, default=None,
+                   help="save/load the cached Q here (.safetensors, bf16); delete it when the run changes")
     args = p.parse_args()
 
     from blip3o_mini.pipeline import Blip3oMiniPipeline, SamplingConfig
@@ -61,6 +63,7 @@ def cached_pairs(pipe, run: Path, q_cache: Path | None):
     standardised as the generator trains on them, and each pair's image row (P,)."""
     import datasets
 
+    from blip3o_mini.artifacts import load_tensors, save_tensors
     from blip3o_mini.features import load_split_features
 
     gen, backbone = pipe.generator, pipe.backbone
@@ -69,12 +72,12 @@ def cached_pairs(pipe, run: Path, q_cache: Path | None):
     texts = [t for options in captions for t in options]
     t0 = time.perf_counter()
     if q_cache and q_cache.exists():
-        q = torch.load(q_cache)
+        q = load_tensors(q_cache)["q"]
     else:
         with torch.no_grad():  # bf16 halves the memory of ~40k conditions
             q = torch.cat([gen.condition(backbone, texts[i:i + 500]).bfloat16() for i in range(0, len(texts), 500)])
         if q_cache:
-            torch.save(q, q_cache)
+            save_tensors(q_cache, {"q": q})
     x = gen.normalize(load_split_features(run / "clip", "train"))  # (N, 64, F)
     print(f"Q of {len(texts)} captions ready in {time.perf_counter() - t0:.0f} s", flush=True)
     return q, x, rows
@@ -116,21 +119,19 @@ def train_and_score(pipe, q, x, rows, args, cfg) -> dict:
             print(f"step {step + 1}  loss {loss.item():.4f}  {time.perf_counter() - start:.0f} s", flush=True)
         if step + 1 in args.score_at or step + 1 == args.steps:
             for name, weights in [("raw", dit)] + [(f"ema {d}", e) for d, e in emas.items()]:
-                results[f"{name} @ {step + 1}"] = score(pipe, weights, f"{name} @ {step + 1}")
+                results[f"{name} @ {step + 1}"] = score(pipe, weights, f"{name} @ {step + 1}", cfg)
     return results
 
 
-def score(pipe, dit, name: str) -> dict:
+def score(pipe, dit, name: str, cfg: dict) -> dict:
     """GenEval-mini of the pipeline with `dit`'s weights: the evaluation stage's prompts and seeds."""
-    from blip3o_mini.evaluation import make_prompts, score_folder, write_geneval_folder
+    from blip3o_mini.config import build
+    from blip3o_mini.evaluation import score_folder
+    from blip3o_mini.evaluation_stage import EvaluationConfig, write_evaluation_images
 
     pipe.generator.dit.load_state_dict(dit.state_dict())
-
-    def generate(batch: list[dict], seed: int) -> list:
-        return pipe([m["prompt"] for m in batch], generator=torch.Generator().manual_seed(seed)).images
-
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_geneval_folder(Path(tmp) / "geneval", make_prompts(), generate, 1, 54, 0)
+        folder = write_evaluation_images(pipe, build(EvaluationConfig, cfg.get("evaluation", {})), Path(tmp))
         s = score_folder(folder, write=False).summary()
     print(f"{name:>16}: GenEval-mini overall {s['overall']:.3f}  "
           + "  ".join(f"{k} {v:.2f}" for k, v in s.items() if k != "overall" and v is not None), flush=True)

@@ -110,6 +110,27 @@ def test_dit_lr_ablation_script_trains_fresh_dits_on_the_runs_q(tiny_run, monkey
     assert 0 < own < 100 and 0 < null < 100
 
 
+def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, monkeypatch, capsys, tmp_path):
+    """scripts/ablate_dit_geneval.py (the README's steps / EMA / gate figures) on a finished run:
+    one score per weights and step, Q cached to safetensors and read back the second time."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    _, out = tiny_run
+    script = Path(__file__).parents[1] / "scripts" / "ablate_dit_geneval.py"
+    cache = tmp_path / "q.safetensors"
+    for _ in range(2):
+        monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--steps", "2", "--score-at", "1",
+                                          "--decays", "0.9", "--batch-size", "4", "--cross-gate-init", "0.5",
+                                          "--q-cache", str(cache)])
+        runpy.run_path(str(script), run_name="__main__")
+        scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert sorted(scores) == ["ema 0.9 @ 1", "ema 0.9 @ 2", "raw @ 1", "raw @ 2"]
+        assert all(0.0 <= v <= 1.0 for v in scores.values())
+    assert cache.exists()
+
+
 def test_sampling_settings_rerun_the_evaluation_not_the_training(tiny_run):
     """generation.flow's num_steps / guidance_scale are read when sampling only: changing them
     keeps the trained generator and re-runs the evaluation with the new numbers (last in this

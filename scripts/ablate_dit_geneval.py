@@ -87,6 +87,7 @@ def train_and_score(pipe, q, x, rows, args, cfg) -> dict:
     """Train a fresh DiT with the toy stage's recipe; GenEval-mini summaries by weights and step."""
     from blip3o_mini.dit import NextDiT
     from blip3o_mini.flow import FlowMatching
+    from blip3o_mini.training.ema import update_ema
     from blip3o_mini.training.generation import cosine_with_warmup
 
     gen, results = pipe.generator, {}
@@ -111,10 +112,8 @@ def train_and_score(pipe, q, x, rows, args, cfg) -> dict:
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():  # the decoder's EMA (training/decoder.py), warm-up included
-            for d, e in emas.items():
-                for pe, pd in zip(e.parameters(), dit.parameters()):
-                    pe.lerp_(pd, 1 - min(d, (1 + step) / (10 + step)))
+        for d, e in emas.items():
+            update_ema(e, dit, d, step)  # the decoder's EMA, warm-up included
         if (step + 1) % 200 == 0:
             print(f"step {step + 1}  loss {loss.item():.4f}  {time.perf_counter() - start:.0f} s", flush=True)
         if step + 1 in args.score_at or step + 1 == args.steps:

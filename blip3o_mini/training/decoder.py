@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..decoder import DecoderConfig, PixelDecoder, images_to_model
 from .distributed import TrainerConfig, check_global_batch, make_trainer
+from .ema import update_ema
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 
@@ -119,16 +120,9 @@ class DecoderModule(L.LightningModule):
         self.log("train/loss", out.loss, prog_bar=True)
         return out.loss
 
-    @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.ema is None:
-            return
-        step = self.global_step
-        decay = min(self.train_cfg.ema_decay, (1 + step) / (10 + step))  # short warm-up
-        for e, p in zip(self.ema.parameters(), self.decoder.parameters()):
-            e.lerp_(p, 1 - decay)
-        for e, b in zip(self.ema.buffers(), self.decoder.buffers()):
-            e.copy_(b)
+        if self.ema is not None:
+            update_ema(self.ema, self.decoder, self.train_cfg.ema_decay, self.global_step)
 
     def exported(self) -> PixelDecoder:
         """The weights a stage saves: the EMA when one is kept."""

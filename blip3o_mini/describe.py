@@ -244,7 +244,7 @@ def describe_components(c: Components, name: str) -> ModelDescription:
             "backbone_layer_params": count(c.backbone_layers),
             "backbone_ffn": first.mlp.gate_proj.out_features,
             "dit_dim": d.dim, "dit_depth": d.depth, "dit_ffn": d.ffn_hidden_dim, "num_tokens": g.cfg.num_tokens,
-            "num_query_tokens": g.cfg.num_query_tokens, "feature_dim": d.in_dim,
+            "num_query_tokens": g.cfg.num_query_tokens, "feature_dim": g.feature_dim,
             "gradient_checkpointing": d.gradient_checkpointing, "targets": c.notes["targets"],
             "clip_tokens": clip_num_tokens(c.clip)}
     return ModelDescription(name, components, dims)

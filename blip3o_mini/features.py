@@ -61,6 +61,16 @@ def measure_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return flat.mean(0).float(), flat.std(0).float()
 
 
+def measure_whitening(features: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                      floor: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Principal variances (D,) and directions (D, D) (one per column, largest first) of the
+    standardised tokens of (N, T, D) features. Variances are floored at `floor` so that
+    directions the features never use are not scaled up without bound."""
+    flat = ((features.reshape(-1, features.shape[-1]) - mean) / std).double()  # (N*T, D)
+    var, basis = torch.linalg.eigh(torch.cov(flat.T))  # ascending
+    return var.flip(0).clamp_min(floor).float(), basis.flip(1).float()  # (D,), (D, D)
+
+
 def cache_path(cache_dir: str | Path, split: str, encoder_hash: str, data_key: str) -> Path:
     return Path(cache_dir) / f"{split}-{encoder_hash}-{data_key}.safetensors"
 

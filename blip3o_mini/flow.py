@@ -80,11 +80,26 @@ def sample_t(batch_size: int, *, method: str = "uniform", generator: torch.Gener
     raise ValueError(f"unknown time sampling {method!r}; choose one of {TIME_SAMPLINGS}")
 
 
-def time_grid(num_steps: int, device: torch.device | str | None = None) -> Tensor:
-    """The sampler's times t_0 = 0 < t_1 < ... < t_K = 1, equally spaced: (K+1,)."""
+def shift_time(t: Tensor, shift: float) -> Tensor:
+    """Move times toward noise: SD3's timestep shift (arXiv 2403.03206, section 5.3.2),
+    sigma -> shift * sigma / (1 + (shift - 1) * sigma) with sigma = 1 - t. Shift 1 is the
+    identity. The more redundant the data's dimensions (high resolution there; 128-wide CLIP
+    tokens carrying a few bits each here), the more noise it takes to hide what a sample is,
+    and the more of training and sampling belongs at high noise, where the layout is decided."""
+    if shift <= 0:
+        raise ValueError(f"time shift must be > 0, got {shift}")
+    if shift == 1.0:
+        return t  # exactly: 1 - (1 - t) would round
+    sigma = t_to_sigma(t)
+    return sigma_to_t(shift * sigma / (1 + (shift - 1) * sigma))
+
+
+def time_grid(num_steps: int, device: torch.device | str | None = None, shift: float = 1.0) -> Tensor:
+    """The sampler's times t_0 = 0 < t_1 < ... < t_K = 1: equally spaced, then shifted
+    toward noise by `shift` (1: no shift): (K+1,)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    return torch.linspace(0.0, 1.0, num_steps + 1, device=device)
+    return shift_time(torch.linspace(0.0, 1.0, num_steps + 1, device=device), shift)
 
 
 # ---------------------------------------------------------------------------- CFG
@@ -130,12 +145,12 @@ class SampleResult:
 
 @torch.no_grad()
 def euler_sample(velocity: Callable[[Tensor, Tensor], Tensor], x_0: Tensor, num_steps: int,
-                 return_trajectory: bool = False) -> SampleResult:
+                 return_trajectory: bool = False, time_shift: float = 1.0) -> SampleResult:
     """Integrate dx/dt = velocity(x, t) from t = 0 (x_0, noise) to t = 1 with Euler steps.
 
     `velocity(x (B, ...), t (B,)) -> (B, ...)`. Exact for straight paths (constant velocity
     along each trajectory), which is what rectified flow aims for."""
-    ts = time_grid(num_steps, device=x_0.device)  # (K+1,)
+    ts = time_grid(num_steps, device=x_0.device, shift=time_shift)  # (K+1,)
     x = x_0
     xs = [x] if return_trajectory else None
     for k in range(num_steps):
@@ -165,6 +180,9 @@ class FlowMatching:
 
     cond_drop_prob: float = 0.1
     time_sampling: str = "uniform"
+    # SD3's timestep shift, applied to the training times and the sampler's grid alike
+    # (`shift_time`). BLIP3-o: 1 (none).
+    time_shift: float = 1.0
     num_steps: int = 30
     guidance_scale: float = 3.0
     # (x_0, t) draws per (x_1, cond) row. The condition costs a pass through the frozen LLM
@@ -180,6 +198,8 @@ class FlowMatching:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
         if self.noise_repeats < 1:
             raise ValueError(f"noise_repeats must be >= 1, got {self.noise_repeats}")
+        if self.time_shift <= 0:
+            raise ValueError(f"time_shift must be > 0, got {self.time_shift}")
 
     def loss(self, model: VelocityModel, x_1: Tensor, cond: Tensor, cond_mask: Tensor | None = None,
              *, x_0: Tensor | None = None, t: Tensor | None = None,
@@ -195,7 +215,8 @@ class FlowMatching:
         if x_0 is None:
             x_0 = torch.randn(x_1.shape, generator=generator, device=x_1.device, dtype=x_1.dtype)
         if t is None:
-            t = sample_t(B, method=self.time_sampling, generator=generator, device=x_1.device)
+            t = shift_time(sample_t(B, method=self.time_sampling, generator=generator, device=x_1.device),
+                           self.time_shift)  # (B,)
         cond, dropped = drop_condition(cond, self.cond_drop_prob, generator)  # (B, Nq, C), (B,)
         x_t = interpolate(x_0, x_1, t)  # (B, N, D)
         v_target = velocity_target(x_0, x_1)  # (B, N, D)
@@ -214,4 +235,4 @@ class FlowMatching:
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         v = guided_velocity(model, scale)
         return euler_sample(lambda x, t: v(x, t, cond, cond_mask), x_0,
-                            num_steps or self.num_steps, return_trajectory)
+                            num_steps or self.num_steps, return_trajectory, self.time_shift)

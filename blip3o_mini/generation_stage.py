@@ -101,19 +101,20 @@ def generation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
 
     gen_cfg, train_cfg, _ = generation_configs(cfg)
     shards = shard_stages.uses_shards(cfg)
+    whiten = gen_cfg.feature_norm == "whiten"
     if shards:  # tar shards: extracted features, or images through the pretrained CLIP every step
         targets = shard_stages.shard_targets(cfg, run_dir, upstream)
         dataset, feature_dim, encoder = targets.dataset, targets.feature_dim, targets.encoder
-        mean, std = shard_stages.measure_target_stats(targets) if gen_cfg.feature_norm == "standardize" \
-            else (None, None)
+        mean, std, whitening = shard_stages.measure_target_stats(targets, whiten) \
+            if gen_cfg.feature_norm != "none" else (None, None, None)
     else:  # ShapesWorld with the CLIP stage's cached features
-        dataset, feature_dim, mean, std = shapesworld_targets(data.path, clip.path)
+        dataset, feature_dim, mean, std, whitening = shapesworld_targets(data.path, clip.path, whiten)
         encoder = None
     backbone = load_stage_backbone(und.path).freeze()
     hash_before = weights_hash(backbone)
 
     torch.manual_seed(train_cfg.seed)
-    generator = Blip3oGenerator(gen_cfg, feature_dim, backbone.hidden_size, mean, std)
+    generator = Blip3oGenerator(gen_cfg, feature_dim, backbone.hidden_size, mean, std, whitening)
     ckpt_dir = out / f"lightning-{key}"
     remove_stale_checkpoints(out, ckpt_dir)
     result = train(cfg, generator, backbone, dataset, ckpt_dir, encoder)
@@ -154,11 +155,12 @@ def write_generator_stage(out: Path, key: str, generator: Blip3oGenerator, resul
     shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
-def shapesworld_targets(data_dir: Path, clip_dir: Path):
-    """(captions x cached CLIP features dataset, feature width, mean (F,), std (F,)) of the toy run."""
+def shapesworld_targets(data_dir: Path, clip_dir: Path, whiten: bool = False):
+    """(captions x cached CLIP features dataset, feature width, mean (F,), std (F,), whitening
+    (principal variances (F,), directions (F, F)) or None) of the toy run."""
     import datasets
 
-    from .features import feature_stats, load_split_features
+    from .features import feature_stats, load_split_features, measure_whitening
 
     ds = datasets.load_from_disk(str(data_dir / "shapesworld"))
     features = load_split_features(clip_dir, "train")  # (N, 64, F)
@@ -167,7 +169,8 @@ def shapesworld_targets(data_dir: Path, clip_dir: Path):
     # generator's own standardisation uses the statistics of what it is trained on.
     mean, std = (torch.zeros_like(stats.mean), torch.ones_like(stats.std)) if stats.normalized \
         else (stats.mean, stats.std)
-    return CaptionFeatureDataset(ds["train"]["captions"], features), features.shape[-1], mean, std
+    whitening = measure_whitening(features, mean, std) if whiten else None
+    return CaptionFeatureDataset(ds["train"]["captions"], features), features.shape[-1], mean, std, whitening
 
 
 def train(cfg: dict, generator: Blip3oGenerator, backbone, dataset, ckpt_dir: Path, encoder=None) -> TrainResult:

@@ -273,13 +273,14 @@ def shard_targets(cfg: dict, run_dir: Path, upstream: dict) -> ShardTargets:
     return ShardTargets(stream, encoder.feature_dim, encoder, upstream["data"].metrics.get("num_samples"))
 
 
-def measure_target_stats(targets: ShardTargets, num: int = 1024):
-    """Per-dim mean/std (D,) of the first `num` targets (for `feature_norm: standardize`)."""
+def measure_target_stats(targets: ShardTargets, whiten: bool = False, num: int = 1024):
+    """Per-dim mean/std (D,) of the first `num` targets (for `feature_norm: standardize`), and
+    their whitening (principal variances (D,), directions (D, D)) when `whiten`, else None."""
     import itertools
 
     import torch
 
-    from .features import measure_stats
+    from .features import measure_stats, measure_whitening
 
     ds = targets.dataset
     items = iter(ds) if targets.encoder is not None else (ds[i] for i in range(len(ds)))
@@ -287,4 +288,5 @@ def measure_target_stats(targets: ShardTargets, num: int = 1024):
     if targets.encoder is not None:
         with torch.no_grad():
             x = torch.cat([targets.encoder.encode_tokens(x[i:i + 64]) for i in range(0, len(x), 64)])  # (n, N, D)
-    return measure_stats(x.float())  # (D,), (D,)
+    mean, std = measure_stats(x.float())  # (D,), (D,)
+    return mean, std, measure_whitening(x.float(), mean, std) if whiten else None

@@ -42,6 +42,11 @@ def main() -> None:
     p.add_argument("--time-sampling", default=None, help="override generation.flow.time_sampling")
     p.add_argument("--cross-gate-init", type=float, default=0.0,
                    help="start every block's cross-attention gate here (0: the paper's closed gates)")
+    p.add_argument("--feature-norm", choices=["standardize", "whiten"], default=None,
+                   help="override generation.feature_norm (the run's statistics, whitening measured here)")
+    p.add_argument("--whiten-dims", type=int, default=None, help="with whiten: keep this many directions")
+    p.add_argument("--time-shift", type=float, default=None, help="override generation.flow.time_shift")
+    p.add_argument("--save", type=Path, default=None, help="write the final DiT weights here (.safetensors)")
     p.add_argument("--q-cache", type=Path, default=None,
                    help="save/load the cached Q here (.safetensors, bf16); delete it when the run changes")
     args = p.parse_args()
@@ -52,10 +57,34 @@ def main() -> None:
     run = args.run_dir.expanduser()
     cfg = run_config(run)
     pipe = Blip3oMiniPipeline.from_run(run, SamplingConfig.from_config(cfg))
+    pipe.generator = with_feature_norm(pipe.generator, args, run)
     with stage_attention_kernel(cfg):  # the math SDPA kernel on CPU, as the stages run
         q, x, rows = cached_pairs(pipe, run, args.q_cache)
         results = train_and_score(pipe, q, x, rows, args, cfg)
+    if args.save:
+        from blip3o_mini.artifacts import save_tensors
+        save_tensors(args.save, pipe.generator.dit.state_dict())  # the last weights scored
     print(json.dumps({k: round(v["overall"], 4) for k, v in results.items()}))
+
+
+def with_feature_norm(gen, args, run: Path):
+    """The run's generator, or a copy whose features are normalised (and sampled) another way
+    and whose flow uses another time shift; its queries are the run's."""
+    import dataclasses
+
+    from blip3o_mini.features import load_split_features, measure_whitening
+    from blip3o_mini.generation import Blip3oGenerator
+
+    norm = args.feature_norm or gen.cfg.feature_norm
+    flow = gen.cfg.flow | ({"time_shift": args.time_shift} if args.time_shift is not None else {})
+    if norm == gen.cfg.feature_norm and flow == gen.cfg.flow and args.whiten_dims == gen.cfg.whiten_dims:
+        return gen
+    cfg = dataclasses.replace(gen.cfg, feature_norm=norm, whiten_dims=args.whiten_dims, flow=flow)
+    whitening = measure_whitening(load_split_features(run / "clip", "train"), gen.feature_mean, gen.feature_std) \
+        if norm == "whiten" else None
+    new = Blip3oGenerator(cfg, gen.feature_dim, gen.dit_cfg.cond_dim, gen.feature_mean, gen.feature_std, whitening)
+    new.queries = gen.queries
+    return new
 
 
 def cached_pairs(pipe, run: Path, q_cache: Path | None):

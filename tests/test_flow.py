@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from blip3o_mini.flow import (FlowMatching, cfg_combine, drop_condition, euler_sample, expand_t,
-                              guided_velocity, interpolate, sample_t, sigma_to_t, t_to_sigma,
-                              time_grid, velocity_target, velocity_to_diffusers)
+                              guided_velocity, interpolate, sample_t, shift_time, sigma_to_t,
+                              t_to_sigma, time_grid, velocity_target, velocity_to_diffusers)
 
 
 def gen(seed=0):
@@ -64,6 +64,39 @@ def test_euler_matches_diffusers_scheduler():
         x = sched.step(velocity_to_diffusers(field(x, t)), timestep, x).prev_sample
     ours = euler_sample(field, x_0, num_steps).x_1
     assert torch.allclose(ours, x, atol=1e-5)
+
+
+def test_time_shift_matches_diffusers_and_moves_time_toward_noise():
+    """Our shifted grid is diffusers' `shift` (SD3) in our time; shift 1 changes nothing."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    sched.set_timesteps(sigmas=t_to_sigma(time_grid(10))[:-1].tolist())  # diffusers shifts them
+    torch.testing.assert_close(sigma_to_t(sched.sigmas), time_grid(10, shift=3.0))
+    t = torch.linspace(0, 1, 11)
+    assert torch.equal(shift_time(t, 1.0), t) and torch.equal(time_grid(10, shift=1.0), time_grid(10))
+    shifted = time_grid(10, shift=3.0)
+    assert shifted[0] == 0 and shifted[-1] == 1 and (shifted.diff() > 0).all()  # still 0 -> 1, increasing
+    assert (shifted[1:-1] < t[1:-1]).all()  # every inner time noisier
+    with pytest.raises(ValueError, match="time shift must be > 0"):
+        shift_time(t, 0.0)
+
+
+def test_time_shift_applies_to_training_times_and_sampling():
+    fm = FlowMatching(cond_drop_prob=0.0, time_shift=3.0, num_steps=4, guidance_scale=1.0)
+    seen = []
+
+    def model(x_t, t, cond, cond_mask):
+        seen.append(t.clone())
+        return torch.zeros_like(x_t)
+
+    out = fm.loss(model, rand(20_000, 1, 1, seed=20), rand(20_000, 1, 1, seed=21), generator=gen(22))
+    assert abs(out.t.median() - shift_time(torch.tensor(0.5), 3.0)) < 0.02  # median 0.25, not 0.5
+    seen.clear()
+    fm.sample(model, rand(2, 1, 1, seed=23), (4, 2))
+    torch.testing.assert_close(torch.stack([s[0] for s in seen]), time_grid(4, shift=3.0)[:-1])
+    with pytest.raises(ValueError, match="time_shift"):
+        FlowMatching(time_shift=-1.0)
 
 
 def test_sample_t_range_and_methods():

@@ -95,6 +95,58 @@ def test_feature_norm_round_trip():
         GeneratorConfig(feature_norm="l2")
 
 
+def test_whitening_round_trip_and_unit_covariance():
+    """`whiten` maps tokens onto principal coordinates of unit variance and back exactly; a
+    direction carrying 1/400 of the variance weighs as much as the largest."""
+    from blip3o_mini.features import measure_stats, measure_whitening
+
+    torch.manual_seed(0)
+    scales = torch.logspace(0, -1.3, F)  # per-direction std 1 .. 0.05
+    mixing = torch.linalg.qr(torch.randn(F, F))[0]  # a random rotation: correlated dims
+    x = (torch.randn(500, 64, F) * scales) @ mixing.T + 3.0  # (500, 64, F)
+    mean, std = measure_stats(x)
+    var, basis = measure_whitening(x, mean, std)
+    assert (var.diff() <= 0).all() and var.shape == (F,) and basis.shape == (F, F)
+    gen = Blip3oGenerator(GeneratorConfig(num_query_tokens=4, feature_norm="whiten",
+                                          dit=dict(dim=32, depth=1, num_heads=2)),
+                          F, K, feature_mean=mean, feature_std=std, whitening=(var, basis))
+    z = gen.normalize(x).reshape(-1, F)  # (N, F)
+    torch.testing.assert_close(torch.cov(z.T), torch.eye(F), atol=0.02, rtol=0)
+    torch.testing.assert_close(gen.denormalize(gen.normalize(x)), x, atol=1e-4, rtol=1e-4)
+    # standardising alone leaves the small directions small
+    zs = ((x - mean) / std).reshape(-1, F) @ basis  # (N, F)
+    assert zs[:, -1].var() < 0.01 * zs[:, 0].var()
+    # the whitening travels with the weights: a fresh generator loads it
+    fresh = Blip3oGenerator(gen.cfg, F, K)
+    fresh.load_state_dict(gen.state_dict())
+    torch.testing.assert_close(fresh.normalize(x), gen.normalize(x))
+
+
+def test_whiten_dims_keeps_the_largest_directions():
+    """With `whiten_dims` L the DiT generates L numbers per token; decoding them gives the token's
+    projection onto its L largest principal directions, at the encoder's full width."""
+    from blip3o_mini.features import measure_stats, measure_whitening
+
+    torch.manual_seed(1)
+    x = torch.randn(300, 64, F) * torch.logspace(0, -2, F) + 1.0  # (300, 64, F), variance falling per dim
+    mean, std = measure_stats(x)
+    var, basis = measure_whitening(x, mean, std)
+    gen = tiny_generator(feature_norm="whiten", whiten_dims=4)
+    gen = Blip3oGenerator(gen.cfg, F, K, mean, std, (var, basis))
+    assert gen.dit_cfg.in_dim == 4 and gen.normalize(x).shape == (300, 64, 4)
+    top = basis[:, :4]  # (F, 4)
+    projected = ((x - mean) / std) @ top @ top.T * std + mean  # (300, 64, F)
+    torch.testing.assert_close(gen.denormalize(gen.normalize(x)), projected, atol=1e-4, rtol=1e-4)
+    feats = gen.generate_features(TinyBackbone(), ["a red circle", "two squares"],
+                                  generator=torch.Generator().manual_seed(0))
+    assert feats.shape == (2, 64, F)
+    assert gen.loss(TinyBackbone(), ["a red circle"], x[:1]).v_pred.shape == (1, 64, 4)
+    with pytest.raises(ValueError, match="whiten_dims=4 needs feature_norm: whiten"):
+        GeneratorConfig(whiten_dims=4)
+    with pytest.raises(ValueError, match="whiten_dims=20 exceeds the feature width 16"):
+        tiny_generator(feature_norm="whiten", whiten_dims=20)
+
+
 def test_lr_schedule():
     assert cosine_with_warmup(0, 10, 100, 0.1) == pytest.approx(0.1)
     assert cosine_with_warmup(10, 10, 100, 0.1) == pytest.approx(1.0)

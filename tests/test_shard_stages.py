@@ -116,9 +116,10 @@ def test_features_run_needs_extraction_then_trains_from_it(parts, capsys):
     upstream = ensure_stage("generation", cfg, out)
     assert all(r.skipped for r in upstream.values())  # a re-run reuses every stage
     # both target paths give the same targets: extracted files == images through the encoder
-    from_files = measure_target_stats(shard_targets(cfg, out, upstream))
+    mean, std, (var, _) = measure_target_stats(shard_targets(cfg, out, upstream), whiten=True)
     stream = ShardTargets(ShardImageStream(cfg["data"]["shards"], 224), eva.feature_dim, eva)
-    for a, b in zip(from_files, measure_target_stats(stream)):
+    mean_s, std_s, (var_s, _) = measure_target_stats(stream, whiten=True)
+    for a, b in [(mean, mean_s), (std, std_s), (var, var_s)]:
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     cfg["clip"]["pool_grid"] = 4  # features extracted with another grid are refused
     with pytest.raises(ValueError, match="clip.pool_grid=8 but the config says 4"):

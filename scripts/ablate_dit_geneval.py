@@ -60,7 +60,7 @@ def main() -> None:
     pipe.generator = with_feature_norm(pipe.generator, args, run)
     with stage_attention_kernel(cfg):  # the math SDPA kernel on CPU, as the stages run
         q, x, rows = cached_pairs(pipe, run, args.q_cache)
-        results = train_and_score(pipe, q, x, rows, args, cfg)
+        results = train_and_score(pipe, q, x, rows, args, cfg, validation_directions(pipe, run))
     if args.save:
         from blip3o_mini.artifacts import save_tensors
         save_tensors(args.save, pipe.generator.dit.state_dict())  # the last weights scored
@@ -85,6 +85,20 @@ def with_feature_norm(gen, args, run: Path):
     new = Blip3oGenerator(cfg, gen.feature_dim, gen.dit_cfg.cond_dim, gen.feature_mean, gen.feature_std, whitening)
     new.queries = gen.queries
     return new
+
+
+def validation_directions(pipe, run: Path) -> dict:
+    """direction_fvu's inputs: 256 validation images, their captions and the principal
+    directions of the run's standardised training tokens."""
+    import datasets
+
+    from blip3o_mini.features import load_split_features, measure_whitening
+
+    gen = pipe.generator
+    captions = [c[0] for c in datasets.load_from_disk(str(run / "data" / "shapesworld"))["val"][:256]["captions"]]
+    var, basis = measure_whitening(load_split_features(run / "clip", "train"), gen.feature_mean, gen.feature_std)
+    return dict(features=load_split_features(run / "clip", "val")[:256], captions=captions,
+                mean=gen.feature_mean, std=gen.feature_std, var=var, basis=basis)
 
 
 def cached_pairs(pipe, run: Path, q_cache: Path | None):
@@ -112,7 +126,7 @@ def cached_pairs(pipe, run: Path, q_cache: Path | None):
     return q, x, rows
 
 
-def train_and_score(pipe, q, x, rows, args, cfg) -> dict:
+def train_and_score(pipe, q, x, rows, args, cfg, directions: dict) -> dict:
     """Train a fresh DiT with the toy stage's recipe; GenEval-mini summaries by weights and step."""
     from blip3o_mini.dit import NextDiT
     from blip3o_mini.flow import FlowMatching
@@ -147,14 +161,16 @@ def train_and_score(pipe, q, x, rows, args, cfg) -> dict:
             print(f"step {step + 1}  loss {loss.item():.4f}  {time.perf_counter() - start:.0f} s", flush=True)
         if step + 1 in args.score_at or step + 1 == args.steps:
             for name, weights in [("raw", dit)] + [(f"ema {d}", e) for d, e in emas.items()]:
-                results[f"{name} @ {step + 1}"] = score(pipe, weights, f"{name} @ {step + 1}", cfg)
+                results[f"{name} @ {step + 1}"] = score(pipe, weights, f"{name} @ {step + 1}", cfg, directions)
     return results
 
 
-def score(pipe, dit, name: str, cfg: dict) -> dict:
-    """GenEval-mini of the pipeline with `dit`'s weights: the evaluation stage's prompts and seeds."""
+def score(pipe, dit, name: str, cfg: dict, directions: dict) -> dict:
+    """GenEval-mini of the pipeline with `dit`'s weights (the evaluation stage's prompts and
+    seeds), and how well those weights predict each principal direction (direction_fvu)."""
     from blip3o_mini.config import build
     from blip3o_mini.evaluation import score_folder
+    from blip3o_mini.evaluation.directions import direction_fvu
     from blip3o_mini.evaluation_stage import EvaluationConfig, write_evaluation_images
 
     pipe.generator.dit.load_state_dict(dit.state_dict())
@@ -163,6 +179,8 @@ def score(pipe, dit, name: str, cfg: dict) -> dict:
         s = score_folder(folder, write=False).summary()
     print(f"{name:>16}: GenEval-mini overall {s['overall']:.3f}  "
           + "  ".join(f"{k} {v:.2f}" for k, v in s.items() if k != "overall" and v is not None), flush=True)
+    for t, fvu in direction_fvu(pipe.generator, pipe.backbone, **directions).items():
+        print(f"{'':>16}  FVU by direction at t {t}: " + "  ".join(f"{k} {v:.3f}" for k, v in fvu.items()))
     return s
 
 

@@ -147,6 +147,29 @@ def test_whiten_dims_keeps_the_largest_directions():
         tiny_generator(feature_norm="whiten", whiten_dims=20)
 
 
+def test_direction_fvu_is_zero_for_a_perfect_guess_and_one_where_nothing_is_generated():
+    from blip3o_mini.evaluation.directions import direction_fvu
+    from blip3o_mini.features import measure_stats, measure_whitening
+
+    torch.manual_seed(2)
+    x = torch.randn(40, 64, F) * torch.logspace(0, -2, F) + 1.0  # (40, 64, F)
+    mean, std = measure_stats(x)
+    var, basis = measure_whitening(x, mean, std)
+    gen = Blip3oGenerator(tiny_generator(feature_norm="whiten", whiten_dims=4).cfg, F, K, mean, std, (var, basis))
+    x1 = gen.normalize(x)  # (40, 64, 4)
+
+    class TrueVelocity(nn.Module):
+        def forward(self, x_t, t, cond, mask):
+            return (x1 - x_t) / (1 - t[:, None, None])  # (40, 64, 4)
+
+    gen.dit = TrueVelocity()
+    fvu = direction_fvu(gen, TinyBackbone(), x, ["a red circle"] * 40, mean, std, var, basis,
+                        times=(0.2, 0.8), groups=((0, 4), (4, None)))
+    for t in (0.2, 0.8):
+        assert fvu[t]["0-4"] < 1e-6  # the guess is the data in every generated direction
+        assert fvu[t]["4-16"] == pytest.approx(1.0, abs=0.01)  # the mean elsewhere
+
+
 def test_lr_schedule():
     assert cosine_with_warmup(0, 10, 100, 0.1) == pytest.approx(0.1)
     assert cosine_with_warmup(10, 10, 100, 0.1) == pytest.approx(1.0)

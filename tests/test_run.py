@@ -119,16 +119,37 @@ def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, 
 
     _, out = tiny_run
     script = Path(__file__).parents[1] / "scripts" / "ablate_dit_geneval.py"
-    cache = tmp_path / "q.safetensors"
-    for _ in range(2):
+    cache, saved = tmp_path / "q.safetensors", tmp_path / "dit.safetensors"
+    # second pass: Q read back, another feature scale (8 whitened coordinates) and time shift
+    for extra in ([], ["--feature-norm", "whiten", "--whiten-dims", "8", "--time-shift", "2", "--save", str(saved)]):
         monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--steps", "2", "--score-at", "1",
                                           "--decays", "0.9", "--batch-size", "4", "--cross-gate-init", "0.5",
-                                          "--q-cache", str(cache)])
+                                          "--q-cache", str(cache)] + extra)
         runpy.run_path(str(script), run_name="__main__")
-        scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        printed = capsys.readouterr().out.strip().splitlines()
+        scores = json.loads(printed[-1])
         assert sorted(scores) == ["ema 0.9 @ 1", "ema 0.9 @ 2", "raw @ 1", "raw @ 2"]
         assert all(0.0 <= v <= 1.0 for v in scores.values())
+        assert sum("FVU by direction at t 0.5" in line for line in printed) == 4  # one per scored weights
     assert cache.exists()
+    from blip3o_mini.artifacts import load_tensors
+    assert load_tensors(saved)["x_embed.weight"].shape[1] == 8  # the DiT generated 8 coordinates
+
+
+def test_reconstruct_top_directions_script(tiny_run, monkeypatch, capsys):
+    """scripts/reconstruct_top_directions.py (the README's ceiling per number of directions)."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    _, out = tiny_run
+    script = Path(__file__).parents[1] / "scripts" / "reconstruct_top_directions.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--dims", "2", "128"])
+    runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr().out.strip().splitlines()
+    scores = json.loads(printed[-1])
+    assert sorted(scores) == ["128", "2"] and all(0.0 <= v <= 1.0 for v in scores.values())
+    assert "top 128 of 128 directions (1.000 of the variance)" in printed[-2]
 
 
 def test_sampling_settings_rerun_the_evaluation_not_the_training(tiny_run):

@@ -12,8 +12,8 @@ mean/std recorded with the CLIP checkpoint), also whitened (`whiten`: rotated on
 principal directions and each scaled to unit variance), or used raw as BLIP3-o does (`none`); the
 generator maps back to the encoder's scale in `generate_features`. Whitening matters when what
 an image *is* lives in low-variance directions: the toy CLIP tokens put 96% of their variance in
-16 of 128 directions, while a square's corners sit in the next 16 (README, "Status of the toy
-run"); uniform noise and an unweighted MSE would leave those directions to the end of sampling.
+16 of 128 directions, while the decoder needs the next 8 to paint a square's corners (README,
+"Status of the toy run"); an unweighted MSE on standardised features spends almost nothing there.
 
 Shape glossary: B batch, Nq query tokens, K backbone hidden size, N = 64 CLIP tokens,
 F CLIP feature width.
@@ -132,7 +132,7 @@ class Blip3oGenerator(nn.Module):
         # generator gives the same images on any device.
         x_0 = torch.randn((len(prompts), self.cfg.num_tokens, self.dit_cfg.in_dim), generator=generator,
                           device=generator.device if generator is not None else "cpu")
-        x_0 = x_0.to(cond.device, cond.dtype)  # (B, N, F)
+        x_0 = x_0.to(cond.device, cond.dtype)  # (B, N, L)
         result = self.flow.sample(self.dit, cond, x_0.shape[1:], x_0=x_0,
                                   num_steps=num_inference_steps, guidance_scale=guidance_scale,
                                   return_trajectory=return_trajectory)

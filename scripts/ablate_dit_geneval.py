@@ -45,6 +45,8 @@ def main() -> None:
     p.add_argument("--feature-norm", choices=["standardize", "whiten"], default=None,
                    help="override generation.feature_norm (the run's statistics, whitening measured here)")
     p.add_argument("--whiten-dims", type=int, default=None, help="with whiten: keep this many directions")
+    p.add_argument("--dit-dim", type=int, default=None, help="override generation.dit.dim")
+    p.add_argument("--dit-depth", type=int, default=None, help="override generation.dit.depth")
     p.add_argument("--time-shift", type=float, default=None, help="override generation.flow.time_shift")
     p.add_argument("--save", type=Path, default=None, help="write the final DiT weights here (.safetensors)")
     p.add_argument("--q-cache", type=Path, default=None,
@@ -57,7 +59,7 @@ def main() -> None:
     run = args.run_dir.expanduser()
     cfg = run_config(run)
     pipe = Blip3oMiniPipeline.from_run(run, SamplingConfig.from_config(cfg))
-    pipe.generator = with_feature_norm(pipe.generator, args, run)
+    pipe.generator = with_overrides(pipe.generator, args, run)
     with stage_attention_kernel(cfg):  # the math SDPA kernel on CPU, as the stages run
         q, x, rows = cached_pairs(pipe, run, args.q_cache)
         results = train_and_score(pipe, q, x, rows, args, cfg, validation_directions(pipe, run))
@@ -67,19 +69,22 @@ def main() -> None:
     print(json.dumps({k: round(v["overall"], 4) for k, v in results.items()}))
 
 
-def with_feature_norm(gen, args, run: Path):
-    """The run's generator, or a copy whose features are normalised (and sampled) another way
-    and whose flow uses another time shift; its queries are the run's."""
+def with_overrides(gen, args, run: Path):
+    """The run's generator, or a copy whose features are normalised (and sampled) another way,
+    whose DiT has another width or depth, or whose flow uses another time shift; its queries are
+    the run's."""
     import dataclasses
 
     from blip3o_mini.features import load_split_features, measure_whitening
     from blip3o_mini.generation import Blip3oGenerator
 
     norm = args.feature_norm or gen.cfg.feature_norm
+    dims = args.whiten_dims if args.whiten_dims is not None else gen.cfg.whiten_dims if norm == "whiten" else None
     flow = gen.cfg.flow | ({"time_shift": args.time_shift} if args.time_shift is not None else {})
-    if norm == gen.cfg.feature_norm and flow == gen.cfg.flow and args.whiten_dims == gen.cfg.whiten_dims:
+    dit = gen.cfg.dit | {k: v for k, v in (("dim", args.dit_dim), ("depth", args.dit_depth)) if v is not None}
+    cfg = dataclasses.replace(gen.cfg, feature_norm=norm, whiten_dims=dims, flow=flow, dit=dit)
+    if cfg == gen.cfg:
         return gen
-    cfg = dataclasses.replace(gen.cfg, feature_norm=norm, whiten_dims=args.whiten_dims, flow=flow)
     whitening = measure_whitening(load_split_features(run / "clip", "train"), gen.feature_mean, gen.feature_std) \
         if norm == "whiten" else None
     new = Blip3oGenerator(cfg, gen.feature_dim, gen.dit_cfg.cond_dim, gen.feature_mean, gen.feature_std, whitening)

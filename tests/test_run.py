@@ -120,8 +120,9 @@ def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, 
     _, out = tiny_run
     script = Path(__file__).parents[1] / "scripts" / "ablate_dit_geneval.py"
     cache, saved = tmp_path / "q.safetensors", tmp_path / "dit.safetensors"
-    # second pass: Q read back, another feature scale (8 whitened coordinates) and time shift
-    for extra in ([], ["--feature-norm", "whiten", "--whiten-dims", "8", "--time-shift", "2", "--save", str(saved)]):
+    # second pass: Q read back, another feature scale (8 whitened coordinates), depth and time shift
+    for extra in ([], ["--feature-norm", "whiten", "--whiten-dims", "8", "--time-shift", "2", "--dit-depth", "2",
+                       "--save", str(saved)]):
         monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--steps", "2", "--score-at", "1",
                                           "--decays", "0.9", "--batch-size", "4", "--cross-gate-init", "0.5",
                                           "--q-cache", str(cache)] + extra)
@@ -133,7 +134,8 @@ def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, 
         assert sum("FVU by direction at t 0.5" in line for line in printed) == 4  # one per scored weights
     assert cache.exists()
     from blip3o_mini.artifacts import load_tensors
-    assert load_tensors(saved)["x_embed.weight"].shape[1] == 8  # the DiT generated 8 coordinates
+    weights = load_tensors(saved)
+    assert weights["x_embed.weight"].shape[1] == 8 and "blocks.1.qkv.weight" in weights  # 8 coordinates, 2 blocks
 
 
 def test_reconstruct_top_directions_script(tiny_run, monkeypatch, capsys):

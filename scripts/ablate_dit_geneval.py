@@ -59,23 +59,24 @@ def main() -> None:
     run = args.run_dir.expanduser()
     cfg = run_config(run)
     pipe = Blip3oMiniPipeline.from_run(run, SamplingConfig.from_config(cfg))
-    pipe.generator = with_overrides(pipe.generator, args, run)
+    directions = validation_directions(pipe, run)  # the run's whitening, measured once
+    pipe.generator = with_overrides(pipe.generator, args, (directions["var"], directions["basis"]))
     with stage_attention_kernel(cfg):  # the math SDPA kernel on CPU, as the stages run
         q, x, rows = cached_pairs(pipe, run, args.q_cache)
-        results = train_and_score(pipe, q, x, rows, args, cfg, validation_directions(pipe, run))
+        results = train_and_score(pipe, q, x, rows, args, cfg, directions)
     if args.save:
         from blip3o_mini.artifacts import save_tensors
         save_tensors(args.save, pipe.generator.dit.state_dict())  # the last weights scored
     print(json.dumps({k: round(v["overall"], 4) for k, v in results.items()}))
 
 
-def with_overrides(gen, args, run: Path):
+def with_overrides(gen, args, whitening: tuple):
     """The run's generator, or a copy whose features are normalised (and sampled) another way,
     whose DiT has another width or depth, or whose flow uses another time shift; its queries are
-    the run's."""
+    the run's. `whitening`: the principal variances and directions of the run's standardised
+    training tokens."""
     import dataclasses
 
-    from blip3o_mini.features import load_split_features, measure_whitening
     from blip3o_mini.generation import Blip3oGenerator
 
     norm = args.feature_norm or gen.cfg.feature_norm
@@ -85,9 +86,8 @@ def with_overrides(gen, args, run: Path):
     cfg = dataclasses.replace(gen.cfg, feature_norm=norm, whiten_dims=dims, flow=flow, dit=dit)
     if cfg == gen.cfg:
         return gen
-    whitening = measure_whitening(load_split_features(run / "clip", "train"), gen.feature_mean, gen.feature_std) \
-        if norm == "whiten" else None
-    new = Blip3oGenerator(cfg, gen.feature_dim, gen.dit_cfg.cond_dim, gen.feature_mean, gen.feature_std, whitening)
+    new = Blip3oGenerator(cfg, gen.feature_dim, gen.dit_cfg.cond_dim, gen.feature_mean, gen.feature_std,
+                          whitening if norm == "whiten" else None)
     new.queries = gen.queries
     return new
 

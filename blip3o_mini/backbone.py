@@ -46,6 +46,7 @@ class BackboneConfig:
     num_image_tokens: int = 64  # N: CLIP tokens per image (a square grid)
     merge_size: int = 1  # 2: merge 2x2 neighbouring tokens first (Qwen2.5-VL), N / 4 LM positions
     input_norm: bool = False  # LayerNorm on the CLIP tokens first (Qwen2.5-VL's PatchMerger `ln_q`)
+    grid_positions: bool = False  # learned row + column embeddings on the image tokens (GridPositions)
     lm_type: str = "qwen3"  # a transformers causal-LM model_type (qwen3, qwen2, llama, ...)
     hidden_size: int = 256
     num_layers: int = 4
@@ -78,6 +79,26 @@ class Projector(nn.Module):
         if m > 1:  # (B, G*G, D) -> (B, (G/m)^2, m*m*D), neighbours side by side
             x = rearrange(x, "b (h m1 w m2) d -> b (h w) (m1 m2 d)", h=G // m, m1=m, m2=m)
         return self.fc2(self.act(self.fc1(x)))  # (B, N / m^2, H)
+
+
+class GridPositions(nn.Module):
+    """Learned 2D positions for the LM's image tokens: a row and a column embedding added to each
+    projected token, so every image token's value says where it sits on the grid.
+
+    Why: a rotary LM sees positions only in its attention scores, never in the values it reads
+    out, and a 1D sequence index hides the grid's columns. When the CLIP tokens themselves keep
+    little of their place (the toy encoder's do not: notebook 02 probes it), "is A left of B" is
+    out of reach. Qwen2.5-VL gives image tokens (t, h, w) rotary positions (M-RoPE) for this; the
+    toy adds the two embeddings instead, as ViT-style models do."""
+
+    def __init__(self, side: int, hidden_size: int):
+        super().__init__()
+        self.row_embed = nn.Parameter(torch.randn(side, hidden_size) * 0.02)  # (G, H)
+        self.col_embed = nn.Parameter(torch.randn(side, hidden_size) * 0.02)  # (G, H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, G*G, H), row-major grid
+        grid = self.row_embed[:, None] + self.col_embed[None, :]  # (G, G, H)
+        return x + grid.flatten(0, 1).to(x.dtype)  # (B, G*G, H)
 
 
 def splice_image_embeds(text_embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
@@ -121,6 +142,8 @@ class ToyBackbone(Backbone):
                              f"multiple of merge_size {cfg.merge_size}")
         self.num_placeholders = cfg.num_image_tokens // cfg.merge_size ** 2  # image positions in the LM
         self.projector = Projector(cfg.vision_dim, cfg.hidden_size, cfg.merge_size, cfg.input_norm)
+        self.positions = (GridPositions(grid // cfg.merge_size, cfg.hidden_size) if cfg.grid_positions
+                          else nn.Identity())
         self.lm = lm if lm is not None else build_lm(cfg, len(tokenizer), tokenizer.pad_token_id,
                                                      self.eos_token_id)
         if encoder is not None:
@@ -160,8 +183,8 @@ class ToyBackbone(Backbone):
         embeds = self.embed_text(input_ids)  # (B, T, H)
         if image_features is None:
             return embeds
-        return splice_image_embeds(embeds, input_ids, self.image_token_id,
-                                   self.projector(image_features.to(embeds.dtype)))  # (B, T, H)
+        image_embeds = self.positions(self.projector(image_features.to(embeds.dtype)))  # (B, N / m^2, H)
+        return splice_image_embeds(embeds, input_ids, self.image_token_id, image_embeds)  # (B, T, H)
 
     def hidden(self, input_ids, image_features, attention_mask, position_ids) -> torch.Tensor:
         """Last-layer states (B, T, H) of token ids with CLIP tokens (B, N, D) spliced in; the
@@ -214,6 +237,7 @@ class ToyBackbone(Backbone):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         weights = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
+        weights |= {f"positions.{k}": v for k, v in self.positions.state_dict().items()}
         weights |= {f"lm.{k}": v for k, v in self.lm.state_dict().items()
                     if k != "lm_head.weight"}  # tied to the input embedding
         save_tensors(d / WEIGHTS, weights)
@@ -238,6 +262,7 @@ class ToyBackbone(Backbone):
         model = cls(cfg, tokenizer, encoder, lm)
         weights = load_tensors(d / WEIGHTS)
         model.projector.load_state_dict({k[10:]: v for k, v in weights.items() if k.startswith("projector.")})
+        model.positions.load_state_dict({k[10:]: v for k, v in weights.items() if k.startswith("positions.")})
         missing, unexpected = model.lm.load_state_dict(
             {k[3:]: v for k, v in weights.items() if k.startswith("lm.")}, strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:

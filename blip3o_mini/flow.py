@@ -145,12 +145,16 @@ class SampleResult:
 
 @torch.no_grad()
 def euler_sample(velocity: Callable[[Tensor, Tensor], Tensor], x_0: Tensor, num_steps: int,
-                 return_trajectory: bool = False, time_shift: float = 1.0) -> SampleResult:
+                 return_trajectory: bool = False, time_shift: float = 1.0, start: float = 0.0) -> SampleResult:
     """Integrate dx/dt = velocity(x, t) from t = 0 (x_0, noise) to t = 1 with Euler steps.
 
     `velocity(x (B, ...), t (B,)) -> (B, ...)`. Exact for straight paths (constant velocity
-    along each trajectory), which is what rectified flow aims for."""
-    ts = time_grid(num_steps, device=x_0.device, shift=time_shift)  # (K+1,)
+    along each trajectory), which is what rectified flow aims for. With `start` > 0, `x_0` is
+    the state at time `start` (a partly noised sample, SDEdit's and diffusers' img2img
+    `strength = 1 - start`) and the grid covers [start, 1] only."""
+    if not 0.0 <= start < 1.0:
+        raise ValueError(f"start must be in [0, 1), got {start}")
+    ts = start + (1 - start) * time_grid(num_steps, device=x_0.device, shift=time_shift)  # (K+1,)
     x = x_0
     xs = [x] if return_trajectory else None
     for k in range(num_steps):
@@ -227,12 +231,14 @@ class FlowMatching:
     def sample(self, model: VelocityModel, cond: Tensor, shape: tuple[int, ...],
                cond_mask: Tensor | None = None, *, x_0: Tensor | None = None,
                num_steps: int | None = None, guidance_scale: float | None = None,
-               generator: torch.Generator | None = None, return_trajectory: bool = False) -> SampleResult:
-        """Generate data of per-sample `shape` (e.g. (64, D)) for each condition row (B, Nq, C)."""
+               generator: torch.Generator | None = None, return_trajectory: bool = False,
+               start: float = 0.0) -> SampleResult:
+        """Generate data of per-sample `shape` (e.g. (64, D)) for each condition row (B, Nq, C);
+        with `start` > 0, finish `x_0` given as the state at that time (`euler_sample`)."""
         B = cond.shape[0]
         if x_0 is None:
             x_0 = torch.randn((B, *shape), generator=generator, device=cond.device, dtype=cond.dtype)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         v = guided_velocity(model, scale)
         return euler_sample(lambda x, t: v(x, t, cond, cond_mask), x_0,
-                            num_steps or self.num_steps, return_trajectory, self.time_shift)
+                            num_steps or self.num_steps, return_trajectory, self.time_shift, start)

@@ -51,6 +51,10 @@ class GeneratorConfig:
     # With `whiten`: keep only the largest this many principal directions (None: all). The DiT
     # then generates this many numbers per token; the rest of each token is the mean.
     whiten_dims: int | None = None
+    # With `whiten`: each principal coordinate is divided by its standard deviation to this power
+    # over 0.5, i.e. by variance ** whiten_power. 0.5: unit variance, every direction weighs the
+    # same in the loss; 0: rotated only, the largest directions dominate as with `standardize`.
+    whiten_power: float = 0.5
     dit: dict = field(default_factory=dict)  # DiTConfig overrides; in_dim/cond_dim filled in
     flow: dict = field(default_factory=dict)  # FlowMatching overrides (drop prob, steps, CFG)
 
@@ -60,6 +64,8 @@ class GeneratorConfig:
         if self.whiten_dims is not None and (self.feature_norm != "whiten" or self.whiten_dims < 1):
             raise ValueError(f"whiten_dims={self.whiten_dims} needs feature_norm: whiten and a value >= 1 "
                              "(or null to keep every direction)")
+        if not 0 <= self.whiten_power <= 0.5 or (self.whiten_power != 0.5 and self.feature_norm != "whiten"):
+            raise ValueError(f"whiten_power={self.whiten_power} must lie in [0, 0.5] and needs feature_norm: whiten")
 
 
 class Blip3oGenerator(nn.Module):
@@ -97,14 +103,14 @@ class Blip3oGenerator(nn.Module):
             return features
         z = (features - self.feature_mean) / self.feature_std  # (B, N, F)
         if self.cfg.feature_norm == "whiten":
-            z = z @ self.feature_pca_basis / self.feature_pca_var.sqrt()  # (B, N, L) principal coordinates
+            z = z @ self.feature_pca_basis / self.feature_pca_var ** self.cfg.whiten_power  # (B, N, L) principal coordinates
         return z
 
     def denormalize(self, x: Tensor) -> Tensor:
         if self.cfg.feature_norm == "none":
             return x
         if self.cfg.feature_norm == "whiten":
-            x = (x * self.feature_pca_var.sqrt()) @ self.feature_pca_basis.T  # (B, N, L) -> (B, N, F)
+            x = (x * self.feature_pca_var ** self.cfg.whiten_power) @ self.feature_pca_basis.T  # (B, N, L) -> (B, N, F)
         return x * self.feature_std + self.feature_mean  # (B, N, F)
 
     # -- the condition ---------------------------------------------------------------

@@ -83,6 +83,7 @@ def shapesworld_texts(rows: Iterable[dict]) -> Iterable[str]:
     """Every caption, question and answer of dataset rows (+ the fixed prompts and role names)."""
     yield CAPTION_PROMPT
     yield "system user assistant"
+    yield "where is it? how high is it? left right above below"  # position turns (data.text.position_turns)
     for row in rows:
         yield from row["captions"]
         yield from row["questions"]

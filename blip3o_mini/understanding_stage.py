@@ -31,7 +31,7 @@ from .training.understanding import UnderstandingTrainConfig, torch_threads
 
 UNDERSTANDING_STAGE_VERSION = 1  # bump when this stage's outputs change meaning
 BACKBONE_DIR = "backbone"
-TRAIN_COLUMNS = ["captions", "questions", "answers"]
+TRAIN_COLUMNS = ["captions", "questions", "answers", "objects"]  # objects: position turns
 
 
 @dataclass

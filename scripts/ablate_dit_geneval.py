@@ -45,6 +45,8 @@ def main() -> None:
     p.add_argument("--feature-norm", choices=["standardize", "whiten"], default=None,
                    help="override generation.feature_norm (the run's statistics, whitening measured here)")
     p.add_argument("--whiten-dims", type=int, default=None, help="with whiten: keep this many directions")
+    p.add_argument("--whiten-power", type=float, default=None,
+                   help="with whiten: divide each direction by variance ** this (0.5: unit variance)")
     p.add_argument("--dit-dim", type=int, default=None, help="override generation.dit.dim")
     p.add_argument("--dit-depth", type=int, default=None, help="override generation.dit.depth")
     p.add_argument("--time-shift", type=float, default=None, help="override generation.flow.time_shift")
@@ -83,7 +85,8 @@ def with_overrides(gen, args, whitening: tuple):
     dims = args.whiten_dims if args.whiten_dims is not None else gen.cfg.whiten_dims if norm == "whiten" else None
     flow = gen.cfg.flow | ({"time_shift": args.time_shift} if args.time_shift is not None else {})
     dit = gen.cfg.dit | {k: v for k, v in (("dim", args.dit_dim), ("depth", args.dit_depth)) if v is not None}
-    cfg = dataclasses.replace(gen.cfg, feature_norm=norm, whiten_dims=dims, flow=flow, dit=dit)
+    power = args.whiten_power if args.whiten_power is not None else gen.cfg.whiten_power if norm == "whiten" else 0.5
+    cfg = dataclasses.replace(gen.cfg, feature_norm=norm, whiten_dims=dims, whiten_power=power, flow=flow, dit=dit)
     if cfg == gen.cfg:
         return gen
     new = Blip3oGenerator(cfg, gen.feature_dim, gen.dit_cfg.cond_dim, gen.feature_mean, gen.feature_std,

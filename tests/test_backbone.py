@@ -191,3 +191,26 @@ def test_patch_merger_concatenates_2x2_neighbours():
     assert len(bb.answer_features(x, ["what?", "how many?"], 3)) == 2
     with pytest.raises(ValueError, match="merge_size"):
         ToyBackbone(BackboneConfig(vision_dim=3, merge_size=3), tok)
+
+
+def test_grid_positions_add_a_row_and_a_column_embedding(tmp_path):
+    tok = build_tokenizer(shapesworld_texts(ROWS))
+    torch.manual_seed(0)
+    cfg = BackboneConfig(vision_dim=3, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                         intermediate_size=64, grid_positions=True)
+    bb = ToyBackbone(cfg, tok).eval()
+    x = torch.randn(2, 64, 3)  # an 8x8 grid, row-major
+    batch = bb.prompt_batch(["what color is the circle?", "is the red circle left of the square?"])
+    image = bb.embed(batch["input_ids"], x)[batch["input_ids"] == bb.image_token_id].view(2, 64, -1)
+    r, c = 5, 2  # token 5 * 8 + 2 sits on row 5, column 2
+    pos = bb.positions
+    torch.testing.assert_close(image[:, r * 8 + c], bb.projector(x)[:, r * 8 + c] + pos.row_embed[r] + pos.col_embed[c])
+    assert not torch.allclose(image[:, 0] - bb.projector(x)[:, 0], image[:, 1] - bb.projector(x)[:, 1])
+    bb.save(tmp_path / "bb")  # the embeddings travel with the weights
+    again = ToyBackbone.load(tmp_path / "bb")
+    torch.testing.assert_close(again.positions.row_embed, pos.row_embed)
+    assert again.answer_features(x, ["what?", "how many?"], 3) == bb.answer_features(x, ["what?", "how many?"], 3)
+    merged = ToyBackbone(BackboneConfig(**(vars(cfg) | {"merge_size": 2})), tok)  # a 4x4 grid after 2x2 merging
+    assert merged.positions.row_embed.shape == (4, 32)
+    assert not hasattr(ToyBackbone(BackboneConfig(vision_dim=3, hidden_size=32, num_layers=1, num_heads=2,
+                                                  num_kv_heads=1, intermediate_size=64), tok).positions, "row_embed")

@@ -123,6 +123,21 @@ def test_euler_exact_on_straight_paths():
         assert torch.allclose(res.trajectory[k], t * mu + (1 - t) * x_0, atol=1e-5)
 
 
+def test_euler_from_a_start_time_finishes_a_noised_sample():
+    """SDEdit: x at time 0.6 on the straight path to mu, integrated over [0.6, 1], lands on mu;
+    the grid covers [start, 1] only."""
+    mu, x_0 = rand(1, 16, 4, seed=9), rand(3, 16, 4, seed=10)
+    field = lambda x, t: (mu - x) / (1 - expand_t(t, x))  # noqa: E731
+    res = euler_sample(field, 0.6 * mu + 0.4 * x_0, num_steps=2, start=0.6)
+    torch.testing.assert_close(res.t, torch.tensor([0.6, 0.8, 1.0]))
+    torch.testing.assert_close(res.x_1, mu.expand(3, -1, -1), atol=1e-5, rtol=0)
+    c = rand(1, 4, seed=11)  # a constant field moves x by (1 - start) * c
+    torch.testing.assert_close(euler_sample(lambda x, t: c.expand_as(x), x_0[:, 0], 3, start=0.25).x_1,
+                               x_0[:, 0] + 0.75 * c)
+    with pytest.raises(ValueError, match="start must be in"):
+        euler_sample(field, x_0, 2, start=1.0)
+
+
 def test_euler_constant_field_exact_and_linear_field_first_order():
     x_0 = rand(4, 10, seed=7)
     c = rand(1, 10, seed=8)

@@ -1,5 +1,6 @@
 """Stage 2: queries through a frozen backbone, the DiT trained by flow matching."""
 
+import dataclasses
 import hashlib
 
 import lightning as L
@@ -120,6 +121,26 @@ def test_whitening_round_trip_and_unit_covariance():
     fresh = Blip3oGenerator(gen.cfg, F, K)
     fresh.load_state_dict(gen.state_dict())
     torch.testing.assert_close(fresh.normalize(x), gen.normalize(x))
+
+
+def test_whiten_power_sets_each_directions_variance():
+    """`whiten_power` p leaves direction i with variance var_i ** (1 - 2p): 1 at p = 0.5, the
+    standardised variance at p = 0 (rotation only), the square root between; always invertible."""
+    from blip3o_mini.features import measure_stats, measure_whitening
+
+    torch.manual_seed(2)
+    x = torch.randn(400, 64, F) * torch.logspace(0, -1.5, F) + 2.0  # (400, 64, F)
+    mean, std = measure_stats(x)
+    var, basis = measure_whitening(x, mean, std)
+    for power in (0.0, 0.25, 0.5):
+        cfg = dataclasses.replace(tiny_generator(feature_norm="whiten").cfg, whiten_power=power)
+        gen = Blip3oGenerator(cfg, F, K, mean, std, (var, basis))
+        z = gen.normalize(x).reshape(-1, F)  # (N, F)
+        torch.testing.assert_close(z.var(0), var ** (1 - 2 * power), rtol=0.03, atol=1e-4)
+        torch.testing.assert_close(gen.denormalize(gen.normalize(x)), x, atol=1e-4, rtol=1e-4)
+    for bad in ({"whiten_power": 0.7, "feature_norm": "whiten"}, {"whiten_power": 0.25}):
+        with pytest.raises(ValueError, match="whiten_power"):
+            GeneratorConfig(**bad)
 
 
 def test_whiten_dims_keeps_the_largest_directions():

@@ -121,8 +121,8 @@ def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, 
     script = Path(__file__).parents[1] / "scripts" / "ablate_dit_geneval.py"
     cache, saved = tmp_path / "q.safetensors", tmp_path / "dit.safetensors"
     # second pass: Q read back, another feature scale (8 whitened coordinates), depth and time shift
-    for extra in ([], ["--feature-norm", "whiten", "--whiten-dims", "8", "--time-shift", "2", "--dit-depth", "2",
-                       "--save", str(saved)]):
+    for extra in ([], ["--feature-norm", "whiten", "--whiten-dims", "8", "--whiten-power", "0.25", "--time-shift", "2",
+                       "--dit-depth", "2", "--save", str(saved)]):
         monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--steps", "2", "--score-at", "1",
                                           "--decays", "0.9", "--batch-size", "4", "--cross-gate-init", "0.5",
                                           "--q-cache", str(cache)] + extra)
@@ -136,6 +136,40 @@ def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, 
     from blip3o_mini.artifacts import load_tensors
     weights = load_tensors(saved)
     assert weights["x_embed.weight"].shape[1] == 8 and "blocks.1.qkv.weight" in weights  # 8 coordinates, 2 blocks
+
+
+def test_relation_ablation_script(tiny_run, monkeypatch, capsys):
+    """scripts/ablate_relation.py (the README's relation figures): relation turns alone, with grid
+    positions and single-object position turns, scored on the run's validation scenes."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    _, out = tiny_run
+    script = Path(__file__).parents[1] / "scripts" / "ablate_relation.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--steps", "2", "--grid-positions",
+                                      "--where", "--threads", "1"])
+    runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "grid positions True, where turns True" in printed and "trained 2 steps" in printed
+    assert "relation accuracy:" in printed and "position turns:" in printed
+
+
+def test_sdedit_script_scores_tokens_finished_from_each_start(tiny_run, monkeypatch, capsys):
+    """scripts/sdedit_geneval.py (the README's scores by noise level)."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    _, out = tiny_run
+    script = Path(__file__).parents[1] / "scripts" / "sdedit_geneval.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--starts", "1", "0.5", "0",
+                                      "--num-images", "4", "--batch-size", "3"])
+    runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr().out.strip().splitlines()
+    scores = json.loads(printed[-1])
+    assert sorted(scores) == ["0.0", "0.5", "1.0"] and all(0.0 <= v <= 1.0 for v in scores.values())
+    assert printed[-4].startswith("from t0 = 1.00: GenEval-mini of the scene prompt")
 
 
 def test_reconstruct_top_directions_script(tiny_run, monkeypatch, capsys):

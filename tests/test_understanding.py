@@ -82,6 +82,23 @@ def test_packed_turns_equal_one_turn_sequences(tok):
         torch.testing.assert_close(packed[keep], single, atol=2e-5, rtol=1e-4)
 
 
+def test_position_turns_follow_the_scene_graph(tok):
+    from blip3o_mini.data.dataset import scene_of
+    from blip3o_mini.data.text import position_turns
+
+    objects = [{"shape": "circle", "color": "red", "bbox": [4, 40, 20, 56]},
+               {"shape": "square", "color": "blue", "bbox": [40, 2, 54, 16]},
+               {"shape": "square", "color": "blue", "bbox": [40, 30, 54, 44]}]  # two blue squares: not named
+    assert position_turns(scene_of({"objects": objects})) == [("where is the red circle?", "left"),
+                                                              ("how high is the red circle?", "below")]
+    row = ROWS[5]
+    plain, placed = conversation(row), conversation(row, positions=True)
+    assert placed[:len(plain)] == plain and placed[len(plain):] == position_turns(scene_of(row))
+    assert tok.tokenize("how high is the red circle?")[:2] == ["how", "Ġhigh"]  # whole words in the vocabulary
+    with pytest.raises(ValueError, match="position_turns needs each row's scene graph"):
+        conversation({k: v for k, v in row.items() if k != "objects"}, positions=True)
+
+
 def test_overfits_one_batch(tok):
     torch.manual_seed(0)
     bb = ToyBackbone(BackboneConfig(vision_dim=16, hidden_size=64, num_layers=2, intermediate_size=128,

@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from .world import COLORS, HELD_OUT, SHAPES, Obj, Scene, relation
+from .world import COLORS, HELD_OUT, IMAGE_SIZE, SHAPES, Obj, Scene, relation
 
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
 QUESTION_TYPES = ("color", "shape", "count", "relation", "existence")
@@ -133,3 +133,20 @@ def questions(scene: Scene, rng: np.random.Generator, allow_unseen: bool = False
         asked, answer = (rel, "yes") if rng.random() < 0.5 else (wrong, "no")
         add(f"is {_the(a)} {asked} {_the(b)}?", answer, "relation")
     return qa
+
+
+def position_turns(scene: Scene) -> list[tuple[str, str]]:
+    """Where each uniquely named object sits: "where is the red circle?" -> "left" or "right"
+    of the image's middle, "how high is the red circle?" -> "above" or "below" it.
+
+    Training turns only (not a VQA question type): one attention hop from a name to a place,
+    the step a relation question ("is A left of B?") needs twice. LLaVA-1.5 mixes grounding data
+    (RefCOCO, Visual Genome boxes as text) into its instruction data for the same reason."""
+    names = Counter((o.color, o.shape) for o in scene.objects)
+    turns = []
+    for o in scene.objects:
+        if names[o.color, o.shape] == 1:
+            x, y = o.center
+            turns.append((f"where is {_the(o)}?", "left" if x < IMAGE_SIZE / 2 else "right"))
+            turns.append((f"how high is {_the(o)}?", "above" if y < IMAGE_SIZE / 2 else "below"))
+    return turns

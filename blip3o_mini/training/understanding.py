@@ -16,8 +16,10 @@ Shape glossary: B batch, T row length, N image tokens (64), D CLIP width, H LM w
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..backbone import ToyBackbone
+from ..data.dataset import scene_of
+from ..data.text import position_turns
 from ..tokenizer import CAPTION_PROMPT
 from .clip import TrainResult  # the same result record as the CLIP and generation recipes
 from .distributed import TrainerConfig, make_trainer
@@ -48,6 +52,7 @@ class UnderstandingTrainConfig:
     log_every: int = 10
     print_every: int = 100  # a progress line (step, loss, seconds); 0: silent
     checkpoint_every: int = 50
+    position_turns: bool = False  # also train "where is the red circle?" turns (data.text.position_turns)
 
 
 @contextlib.contextmanager
@@ -64,20 +69,27 @@ def torch_threads(num_threads: int | None):
         torch.set_num_threads(before)
 
 
-def conversation(row: dict, caption_prompt: str = CAPTION_PROMPT) -> list[tuple[str, str]]:
-    """An image's training turns: captioning as a question, then its question-answer pairs."""
-    return [(caption_prompt, row["captions"][0]), *zip(row["questions"], row["answers"])]
+def conversation(row: dict, caption_prompt: str = CAPTION_PROMPT, positions: bool = False) -> list[tuple[str, str]]:
+    """An image's training turns: captioning as a question, then its question-answer pairs,
+    then with `positions` where each object is (`position_turns`; the row needs `objects`)."""
+    turns = [(caption_prompt, row["captions"][0]), *zip(row["questions"], row["answers"])]
+    if positions and "objects" not in row:
+        raise ValueError("position_turns needs each row's scene graph (`objects`); ShapesWorld rows carry "
+                         "it, WebDataset shards do not: set understanding.train.position_turns: false")
+    return turns + position_turns(scene_of(row)) if positions else turns
 
 
 class PackedConversations(Dataset):
-    """(CLIP features (N, D), packed row of all the image's turns), tokenised once."""
+    """(CLIP features (N, D), packed row of all the image's turns), tokenised once. `turns` maps
+    a dataset row to its (question, answer) turns (default: `conversation`)."""
 
-    def __init__(self, features: torch.Tensor, rows: list[dict], packer: Packer):
+    def __init__(self, features: torch.Tensor, rows: list[dict], packer: Packer,
+                 turns: Callable[[dict], list[tuple[str, str]]] = conversation):
         if len(features) != len(rows):
             raise ValueError(f"{len(features)} feature rows but {len(rows)} dataset rows; the CLIP "
                              "features must be aligned with the dataset split (load_split_features)")
         self.features = features
-        self.rows = packer.pack_many([conversation(r) for r in rows])
+        self.rows = packer.pack_many([turns(r) for r in rows])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -157,15 +169,19 @@ class UnderstandingModule(L.LightningModule):
 
 def train_understanding(backbone: ToyBackbone, features: torch.Tensor, rows: list[dict],
                         cfg: UnderstandingTrainConfig, ckpt_dir: str | Path,
-                        trainer: TrainerConfig | None = None) -> TrainResult:
+                        trainer: TrainerConfig | None = None,
+                        turns: Callable[[dict], list[tuple[str, str]]] | None = None) -> TrainResult:
     """Train `backbone` (projector + LM) in place on cached CLIP features (N, 64, D) and the
     aligned dataset rows; resume from `ckpt_dir/last.ckpt` when an earlier run was interrupted.
     `trainer` (the config's `trainer:` section) sets accelerator, devices, nodes, strategy and
-    precision; on several devices Lightning's `DistributedSampler` splits the shuffled rows."""
+    precision; on several devices Lightning's `DistributedSampler` splits the shuffled rows.
+    `turns`: a row's training turns (default: `conversation`, with position turns when
+    `cfg.position_turns`)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     L.seed_everything(cfg.seed, verbose=False)
-    data = PackedConversations(features, rows, Packer(backbone.tokenizer, backbone.num_placeholders))
+    turns = turns or functools.partial(conversation, positions=cfg.position_turns)
+    data = PackedConversations(features, rows, Packer(backbone.tokenizer, backbone.num_placeholders), turns)
     pad_id = backbone.tokenizer.pad_token_id
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                         collate_fn=lambda b: collate(b, pad_id))

@@ -23,6 +23,9 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from .data.dataset import scene_of
+from .data.text import position_turns
+
 IMG_MARKER = "[IMG]"  # BLIP3-o: what follows this marker is the image to generate (stage 2)
 CAPTION_PROMPT = "describe the image."  # captioning is VQA with this question (LLaVA style)
 
@@ -79,15 +82,17 @@ def special_tokens(fmt: ChatFormat) -> list[str]:
     return [fmt.pad, fmt.end_of_turn, fmt.image, *fmt.roles, *fmt.extra]
 
 
-def shapesworld_texts(rows: Iterable[dict]) -> Iterable[str]:
-    """Every caption, question and answer of dataset rows (+ the fixed prompts and role names)."""
+def shapesworld_texts(rows: Iterable[dict], positions: bool = False) -> Iterable[str]:
+    """Every caption, question and answer of dataset rows (+ the fixed prompts and role names),
+    with `positions` also their position turns (`data.text.position_turns`; rows need `objects`)."""
     yield CAPTION_PROMPT
     yield "system user assistant"
-    yield "where is it? how high is it? left right above below"  # position turns (data.text.position_turns)
     for row in rows:
         yield from row["captions"]
         yield from row["questions"]
         yield from row["answers"]
+        if positions:
+            yield from (text for turn in position_turns(scene_of(row)) for text in turn)
 
 
 def build_tokenizer(texts: Iterable[str], chat_format: str = "toy",

@@ -57,7 +57,7 @@ def main() -> None:
     rows = ds["train"].select_columns(["captions", "questions", "answers", "question_types", "objects"]).to_list()
     keep = [i for i, r in enumerate(rows) if "relation" in r["question_types"]]
     features = load_split_features(run / "clip", "train")[keep]  # (R, 64, D)
-    tokenizer = build_tokenizer(shapesworld_texts(rows))
+    tokenizer = build_tokenizer(shapesworld_texts(rows, positions=args.where))
     torch.manual_seed(0)
     backbone = ToyBackbone(BackboneConfig(vision_dim=features.shape[-1], num_image_tokens=features.shape[1],
                                           grid_positions=args.grid_positions), tokenizer)

@@ -86,10 +86,10 @@ class GridPositions(nn.Module):
     projected token, so every image token's value says where it sits on the grid.
 
     Why: a rotary LM sees positions only in its attention scores, never in the values it reads
-    out, and a 1D sequence index hides the grid's columns. When the CLIP tokens themselves keep
-    little of their place (the toy encoder's do not: notebook 02 probes it), "is A left of B" is
-    out of reach. Qwen2.5-VL gives image tokens (t, h, w) rotary positions (M-RoPE) for this; the
-    toy adds the two embeddings instead, as ViT-style models do."""
+    out, and a 1D sequence index hides the grid's columns; the toy CLIP tokens carry their place
+    only in part (notebook 02's probe). Qwen2.5-VL gives image tokens (t, h, w) rotary positions
+    (M-RoPE); the toy adds the two embeddings instead, as ViT-style models do. Alone they did not
+    teach "is A left of B?"; with position turns they did (scripts/ablate_relation.py, README)."""
 
     def __init__(self, side: int, hidden_size: int):
         super().__init__()

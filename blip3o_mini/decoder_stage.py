@@ -68,6 +68,17 @@ def decode_features(decoder: PixelDecoder, features: torch.Tensor, num_inference
     return torch.cat(out)
 
 
+def reconstruction_report(decoder: PixelDecoder, features: torch.Tensor, originals: torch.Tensor,
+                          scenes: list, eval_cfg):
+    """Decode (M, N, D) features with the stage's evaluation settings (`eval_cfg`) and score them
+    against the originals (M, 3, H, W) and their scene graphs: a `ReconstructionReport`."""
+    from .evaluation.reconstruction import evaluate_reconstruction
+
+    decoded = decode_features(decoder, features, eval_cfg.num_inference_steps, eval_cfg.guidance_scale,
+                              eval_cfg.batch_size, eval_cfg.seed)
+    return evaluate_reconstruction(decoded, originals, scenes)
+
+
 def save_grid(path: Path, originals: torch.Tensor, decoded: torch.Tensor, num: int = 16) -> None:
     """Originals on the top row, their decodes below: a PNG written atomically."""
     import io

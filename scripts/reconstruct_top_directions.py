@@ -26,8 +26,7 @@ def main() -> None:
 
     from blip3o_mini.data.dataset import scene_of
     from blip3o_mini.data.tensors import images_uint8
-    from blip3o_mini.decoder_stage import decode_features, decoder_configs
-    from blip3o_mini.evaluation.reconstruction import evaluate_reconstruction
+    from blip3o_mini.decoder_stage import decoder_configs, reconstruction_report
     from blip3o_mini.features import load_split_features, measure_whitening
     from blip3o_mini.pipeline import Blip3oMiniPipeline, SamplingConfig
     from blip3o_mini.run import run_config
@@ -46,9 +45,7 @@ def main() -> None:
     for k in args.dims:
         top = basis[:, :k]  # (F, k)
         kept = ((feats - mean) / std) @ top @ top.T * std + mean  # (M, 64, F) on the k largest directions
-        decoded = decode_features(decoder, kept, ecfg.num_inference_steps, ecfg.guidance_scale,
-                                  ecfg.batch_size, ecfg.seed)
-        report = evaluate_reconstruction(decoded, originals, scenes)
+        report = reconstruction_report(decoder, kept, originals, scenes, ecfg)
         results[k] = round(report.geneval.summary()["overall"], 4)
         print(f"top {k:>3} of {len(var)} directions ({var[:k].sum() / var.sum():.3f} of the variance): "
               f"reconstruction GenEval-mini {results[k]:.3f}, PSNR {report.psnr:.1f} dB", flush=True)

@@ -34,8 +34,7 @@ def main() -> None:
 
     from blip3o_mini.data.dataset import scene_of
     from blip3o_mini.data.tensors import images_uint8
-    from blip3o_mini.decoder_stage import decode_features, decoder_configs
-    from blip3o_mini.evaluation.reconstruction import evaluate_reconstruction
+    from blip3o_mini.decoder_stage import decoder_configs, reconstruction_report
     from blip3o_mini.features import load_split_features
     from blip3o_mini.pipeline import Blip3oMiniPipeline, SamplingConfig
     from blip3o_mini.run import run_config, stage_attention_kernel
@@ -60,9 +59,7 @@ def main() -> None:
                 steps = max(1, round(gen.flow.num_steps * (1 - t0)))
                 x = torch.cat([gen.flow.sample(gen.dit, cond[i:i + B], x.shape[1:], x_0=x[i:i + B],
                                                num_steps=steps, start=t0).x_1 for i in range(0, len(val), B)])
-            decoded = decode_features(pipe.decoder, gen.denormalize(x), ecfg.num_inference_steps,
-                                      ecfg.guidance_scale, ecfg.batch_size, ecfg.seed)
-            report = evaluate_reconstruction(decoded, originals, scenes)
+            report = reconstruction_report(pipe.decoder, gen.denormalize(x), originals, scenes, ecfg)
             results[t0] = round(report.geneval.summary()["overall"], 4)
             print(f"from t0 = {t0:.2f}: GenEval-mini of the scene prompt {results[t0]:.3f}, "
                   f"PSNR {report.psnr:.1f} dB", flush=True)

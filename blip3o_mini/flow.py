@@ -234,11 +234,14 @@ class FlowMatching:
                generator: torch.Generator | None = None, return_trajectory: bool = False,
                start: float = 0.0) -> SampleResult:
         """Generate data of per-sample `shape` (e.g. (64, D)) for each condition row (B, Nq, C);
-        with `start` > 0, finish `x_0` given as the state at that time (`euler_sample`)."""
+        with `start` > 0, finish `x_0` given as the state at that time (`euler_sample`), by
+        default in the steps the full path would spend on what is left of it."""
         B = cond.shape[0]
         if x_0 is None:
             x_0 = torch.randn((B, *shape), generator=generator, device=cond.device, dtype=cond.dtype)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         v = guided_velocity(model, scale)
+        if num_steps is None:  # the sampler's step size: 30 steps from 0 are 15 from 0.5
+            num_steps = max(1, round(self.num_steps * (1 - start)))
         return euler_sample(lambda x, t: v(x, t, cond, cond_mask), x_0,
-                            num_steps or self.num_steps, return_trajectory, self.time_shift, start)
+                            num_steps, return_trajectory, self.time_shift, start)

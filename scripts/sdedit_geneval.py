@@ -36,6 +36,7 @@ def main() -> None:
     from blip3o_mini.data.tensors import images_uint8
     from blip3o_mini.decoder_stage import decoder_configs, reconstruction_report
     from blip3o_mini.features import load_split_features
+    from blip3o_mini.flow import interpolate
     from blip3o_mini.pipeline import Blip3oMiniPipeline, SamplingConfig
     from blip3o_mini.run import run_config, stage_attention_kernel
 
@@ -54,11 +55,10 @@ def main() -> None:
         noise = torch.randn(x_1.shape, generator=torch.Generator().manual_seed(0))  # (M, 64, L)
         results = {}
         for t0 in args.starts:
-            x = t0 * x_1 + (1 - t0) * noise  # (M, 64, L) on the straight path at time t0
-            if t0 < 1:  # the sampler's step size over what is left of the path
-                steps = max(1, round(gen.flow.num_steps * (1 - t0)))
-                x = torch.cat([gen.flow.sample(gen.dit, cond[i:i + B], x.shape[1:], x_0=x[i:i + B],
-                                               num_steps=steps, start=t0).x_1 for i in range(0, len(val), B)])
+            x = interpolate(noise, x_1, torch.full((len(x_1),), t0))  # (M, 64, L) on the straight path at t0
+            if t0 < 1:  # finished at the sampler's step size over what is left of the path
+                x = torch.cat([gen.flow.sample(gen.dit, cond[i:i + B], x.shape[1:], x_0=x[i:i + B], start=t0).x_1
+                               for i in range(0, len(val), B)])
             report = reconstruction_report(pipe.decoder, gen.denormalize(x), originals, scenes, ecfg)
             results[t0] = round(report.geneval.summary()["overall"], 4)
             print(f"from t0 = {t0:.2f}: GenEval-mini of the scene prompt {results[t0]:.3f}, "

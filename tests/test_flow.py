@@ -138,6 +138,27 @@ def test_euler_from_a_start_time_finishes_a_noised_sample():
         euler_sample(field, x_0, 2, start=1.0)
 
 
+def test_sample_from_a_start_time_keeps_the_step_size():
+    """FlowMatching.sample(start=t0) spends round(num_steps * (1 - t0)) steps on [t0, 1], the
+    full path's step size, unless num_steps is given."""
+    fm = FlowMatching(cond_drop_prob=0.0, num_steps=30, guidance_scale=1.0)
+    seen = []
+
+    def model(x_t, t, cond, cond_mask):
+        seen.append(float(t[0]))
+        return torch.zeros_like(x_t)
+
+    cond, x = rand(2, 1, 1, seed=24), rand(2, 4, 2, seed=25)
+    fm.sample(model, cond, (4, 2), x_0=x, start=0.5)
+    assert len(seen) == 15 and seen[0] == 0.5
+    seen.clear()
+    fm.sample(model, cond, (4, 2), x_0=x, start=0.99)
+    assert len(seen) == 1  # never zero steps
+    seen.clear()
+    fm.sample(model, cond, (4, 2), x_0=x, start=0.5, num_steps=4)
+    assert len(seen) == 4
+
+
 def test_euler_constant_field_exact_and_linear_field_first_order():
     x_0 = rand(4, 10, seed=7)
     c = rand(1, 10, seed=8)

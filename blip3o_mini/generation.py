@@ -114,9 +114,14 @@ class Blip3oGenerator(nn.Module):
         return x * self.feature_std + self.feature_mean  # (B, N, F)
 
     # -- the condition ---------------------------------------------------------------
-    def condition(self, backbone: QueryBackbone, prompts: list[str]) -> Tensor:
-        """Q: the frozen backbone's last-layer states at the query positions, (B, Nq, K)."""
-        return backbone.query_states(prompts, self.queries)
+    def condition(self, backbone: QueryBackbone, prompts: list[str], chunk_size: int | None = None) -> Tensor:
+        """Q: the frozen backbone's last-layer states at the query positions, (B, Nq, K).
+        With `chunk_size`, the prompts go through the backbone that many at a time (thousands
+        of prompts at once would hold the LM's activations for all of them)."""
+        if chunk_size is None or len(prompts) <= chunk_size:
+            return backbone.query_states(prompts, self.queries)
+        return torch.cat([backbone.query_states(prompts[i:i + chunk_size], self.queries)
+                          for i in range(0, len(prompts), chunk_size)])  # (B, Nq, K)
 
     def loss(self, backbone: QueryBackbone, prompts: list[str], features: Tensor,
              generator: torch.Generator | None = None) -> FlowLoss:

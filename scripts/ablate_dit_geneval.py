@@ -126,7 +126,7 @@ def cached_pairs(pipe, run: Path, q_cache: Path | None):
         q = load_tensors(q_cache)["q"]
     else:
         with torch.no_grad():  # bf16 halves the memory of ~40k conditions
-            q = torch.cat([gen.condition(backbone, texts[i:i + 500]).bfloat16() for i in range(0, len(texts), 500)])
+            q = gen.condition(backbone, texts, chunk_size=500).bfloat16()
         if q_cache:
             save_tensors(q_cache, {"q": q})
     x = gen.normalize(load_split_features(run / "clip", "train"))  # (N, 64, F)
@@ -139,7 +139,7 @@ def train_and_score(pipe, q, x, rows, args, cfg, directions: dict) -> dict:
     from blip3o_mini.dit import NextDiT
     from blip3o_mini.flow import FlowMatching
     from blip3o_mini.training.ema import update_ema
-    from blip3o_mini.training.generation import cosine_with_warmup
+    from blip3o_mini.training.schedule import cosine_with_warmup
 
     gen, results = pipe.generator, {}
     flow = FlowMatching(**{**gen.cfg.flow, **({"time_sampling": args.time_sampling} if args.time_sampling else {})})

@@ -60,7 +60,7 @@ def sweep(args: argparse.Namespace) -> None:
 
     def condition(captions: list[str]) -> torch.Tensor:  # (n, Nq, K), 500 prompts at a time
         with torch.no_grad():
-            return torch.cat([gen.condition(backbone, captions[i:i + 500]) for i in range(0, len(captions), 500)])
+            return gen.condition(backbone, captions, chunk_size=500)
 
     t0 = time.perf_counter()
     q_train = condition([c[0] for c in ds["train"]["captions"]])  # (N, Nq, K)

@@ -50,7 +50,7 @@ def main() -> None:
     originals, scenes = images_uint8(val), [scene_of(r) for r in val]
     captions = [c[0] for c in val["captions"]]
     with torch.no_grad(), stage_attention_kernel(cfg):
-        cond = torch.cat([gen.condition(pipe.backbone, captions[i:i + B]) for i in range(0, len(val), B)])  # (M, Nq, K)
+        cond = gen.condition(pipe.backbone, captions, chunk_size=B)  # (M, Nq, K)
         x_1 = gen.normalize(load_split_features(run / "clip", "val")[:len(val)])  # (M, 64, L)
         noise = torch.randn(x_1.shape, generator=torch.Generator().manual_seed(0))  # (M, 64, L)
         results = {}

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from blip3o_mini.generation import Blip3oGenerator, GeneratorConfig
-from blip3o_mini.training.generation import (CaptionFeatureDataset, GenerationModule,
-                                             GenerationTrainConfig, collate, cosine_with_warmup)
+from blip3o_mini.training.generation import CaptionFeatureDataset, GenerationModule, GenerationTrainConfig, collate
 
 F, K = 16, 32
 
@@ -61,6 +60,8 @@ def test_condition_and_sample_shapes():
     gen, bb = tiny_generator(), TinyBackbone().eval()
     prompts = ["a red circle", "two blue squares and a green triangle"]
     assert gen.condition(bb, prompts).shape == (2, 4, K)
+    many = prompts * 3  # in chunks of 2 through the backbone: the same Q
+    torch.testing.assert_close(gen.condition(bb, many, chunk_size=2), gen.condition(bb, many))
     feats = gen.generate_features(bb, prompts, generator=torch.Generator().manual_seed(0))
     assert feats.shape == (2, 64, F)
     again = gen.generate_features(bb, prompts, generator=torch.Generator().manual_seed(0))
@@ -191,10 +192,17 @@ def test_direction_fvu_is_zero_for_a_perfect_guess_and_one_where_nothing_is_gene
         assert fvu[t]["4-16"] == pytest.approx(1.0, abs=0.01)  # the mean elsewhere
 
 
-def test_lr_schedule():
-    assert cosine_with_warmup(0, 10, 100, 0.1) == pytest.approx(0.1)
-    assert cosine_with_warmup(10, 10, 100, 0.1) == pytest.approx(1.0)
-    assert cosine_with_warmup(100, 10, 100, 0.1) == pytest.approx(0.1)
+def test_queries_train_at_their_own_learning_rate():
+    """`query_lr_scale` gives the queries (whose change moves every prompt's Q) their own lr;
+    the DiT keeps `lr`, and both follow the schedule."""
+    gen, bb = tiny_generator(), TinyBackbone()
+    cfg = GenerationTrainConfig(lr=4e-3, min_lr=4e-4, warmup_steps=1, max_steps=10, query_lr_scale=0.1)
+    opt = GenerationModule(gen, bb, cfg).configure_optimizers()["optimizer"]
+    dit_group, query_group = opt.param_groups
+    assert query_group["params"] == [gen.queries] and query_group["lr"] == pytest.approx(4e-4)
+    assert dit_group["lr"] == pytest.approx(4e-3) and len(dit_group["params"]) == len(list(gen.dit.parameters()))
+    gen.queries.requires_grad_(False)  # frozen queries: no group of their own
+    assert len(GenerationModule(gen, bb, cfg).configure_optimizers()["optimizer"].param_groups) == 1
 
 
 def test_training_overfits_one_batch_and_keeps_backbone_frozen():

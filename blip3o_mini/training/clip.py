@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.world import COLORS, HELD_OUT, SHAPES
 from ..vision import ClipEncoder
 from .distributed import TrainerConfig, make_trainer
+from .schedule import warmup_cosine
 
 MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learnable temperature here
 
@@ -125,16 +126,7 @@ class ClipModule(L.LightningModule):
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
                                 lr=self.cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-        cfg = self.cfg
-
-        def schedule(step: int) -> float:  # linear warmup, then cosine to min_lr_ratio
-            if step < cfg.warmup_steps:
-                return (step + 1) / cfg.warmup_steps
-            progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return warmup_cosine(opt, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr_ratio)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["loss_history"] = self.loss_history

@@ -15,7 +15,6 @@ Shape glossary: B batch, N CLIP tokens (64), D feature width, H = W image side (
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch import Tensor
 from ..decoder import DecoderConfig, PixelDecoder, images_to_model
 from .distributed import TrainerConfig, check_global_batch, make_trainer
 from .ema import update_ema
+from .schedule import warmup_cosine
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 
@@ -132,15 +132,7 @@ class DecoderModule(L.LightningModule):
         c = self.train_cfg
         opt = torch.optim.AdamW(self.decoder.parameters(), lr=c.lr, weight_decay=c.weight_decay,
                                 betas=(0.9, 0.99))
-
-        def schedule(step: int) -> float:  # linear warmup, then cosine to min_lr_ratio
-            if step < c.warmup_steps:
-                return (step + 1) / c.warmup_steps
-            p = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
-            return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return warmup_cosine(opt, c.warmup_steps, c.max_steps, c.min_lr_ratio)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["loss_curve"] = list(self.loss_curve)

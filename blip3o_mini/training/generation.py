@@ -8,7 +8,6 @@ config changes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import lightning as L
@@ -17,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..generation import Blip3oGenerator
+from .schedule import warmup_cosine
 
 
 @dataclass
@@ -28,6 +28,7 @@ class GenerationTrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    query_lr_scale: float = 1.0  # the queries' lr relative to the DiT's (BLIP3-o: one lr for both)
     precision: str = "32-true"
     log_every: int = 25
     num_workers: int = 0
@@ -60,14 +61,6 @@ def collate(batch: list[tuple[str, Tensor]]) -> tuple[list[str], Tensor]:
     return list(prompts), torch.stack(feats)  # (B, N, F)
 
 
-def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup to 1, then cosine decay to `min_ratio`."""
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 class GenerationModule(L.LightningModule):
     """Trains `generator` (queries + DiT) through a frozen `backbone`.
 
@@ -97,13 +90,13 @@ class GenerationModule(L.LightningModule):
         return out.loss
 
     def configure_optimizers(self):
-        params = [p for p in self.generator.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
-                                betas=(0.9, 0.999))
-        lam = lambda s: cosine_with_warmup(s, self.cfg.warmup_steps, self.cfg.max_steps,  # noqa: E731
-                                           self.cfg.min_lr / self.cfg.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        queries = self.generator.queries  # (Nq, K): every prompt's condition moves when they do
+        rest = [p for p in self.generator.parameters() if p.requires_grad and p is not queries]
+        groups = [{"params": rest}]
+        if queries.requires_grad:
+            groups.append({"params": [queries], "lr": self.cfg.lr * self.cfg.query_lr_scale})
+        opt = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.999))
+        return warmup_cosine(opt, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr / self.cfg.lr)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()

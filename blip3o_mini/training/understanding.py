@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from ..tokenizer import CAPTION_PROMPT
 from .clip import TrainResult  # the same result record as the CLIP and generation recipes
 from .distributed import TrainerConfig, make_trainer
 from .packing import IGNORE, Packer, PackedRow, collate_rows, packed_attention_mask
+from .schedule import warmup_cosine
 
 
 @dataclass
@@ -149,16 +149,7 @@ class UnderstandingModule(L.LightningModule):
                 (no_decay if excluded else decay).append(p)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.cfg.lr, betas=(0.9, 0.98))
-        cfg = self.cfg
-
-        def schedule(step: int) -> float:  # linear warmup, then cosine to min_lr_ratio
-            if step < cfg.warmup_steps:
-                return (step + 1) / cfg.warmup_steps
-            progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return warmup_cosine(opt, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr_ratio)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["loss_history"] = self.loss_history

@@ -80,10 +80,10 @@ def measure(pipe, prompts: list[str], repeats: int, warmup: int, cuda: bool) -> 
     def one_round() -> dict:
         with torch.no_grad():
             cond, *t_cond = clock(lambda: gen.condition(pipe.backbone, prompts))  # (B, Nq, K)
-            shape = (gen.cfg.num_tokens, gen.feature_dim)  # (N, F)
+            shape = (gen.cfg.num_tokens, gen.dit_cfg.in_dim)  # (N, L): the DiT's space (whitened: L < F)
             feats, *t_dit = clock(lambda: gen.denormalize(gen.flow.sample(
                 gen.dit, cond, shape, num_steps=s.num_inference_steps,
-                guidance_scale=s.guidance_scale).x_1))  # (B, N, F)
+                guidance_scale=s.guidance_scale).x_1))  # (B, N, L) -> (B, N, F)
             images, *t_dec = clock(lambda: pipe.decoder.decode(
                 feats, s.decoder_steps, s.decoder_guidance_scale, output_type="pil"))
             out, *t_total = clock(lambda: pipe(prompts))

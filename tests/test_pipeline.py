@@ -87,3 +87,22 @@ def test_from_config_builds_toy_sizes_and_sampling_numbers():
     assert out.features.shape == (2, 64, pipe.encoder.feature_dim)
     with pytest.raises(ValueError, match="toy backbone only"):
         Blip3oMiniPipeline.from_config({"understanding": {"pretrained": "Qwen/Qwen2.5-VL-3B-Instruct"}})
+
+
+def test_bench_sampling_times_the_toy_pipeline(monkeypatch):
+    """benchmarks/bench_sampling.py on the toy sizes (whitened: the DiT samples 24 numbers per
+    token, the decoder gets 128): every stage timed, images and features as `pipe(...)`'s."""
+    import dataclasses
+    from pathlib import Path
+
+    from blip3o_mini.config import load_config
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_sampling
+
+    pipe = Blip3oMiniPipeline.from_config(load_config("toy"))
+    pipe.sampling = dataclasses.replace(pipe.sampling, num_inference_steps=2, decoder_steps=2)
+    times = bench_sampling.measure(pipe, ["a photo of a red circle", "two blue squares"], repeats=1, warmup=0,
+                                   cuda=False)
+    assert set(times) == set(bench_sampling.STAGES)
+    assert all(len(t["wall"]) == 1 and t["wall"][0] > 0 for t in times.values())

@@ -203,6 +203,8 @@ def test_queries_train_at_their_own_learning_rate():
     assert dit_group["lr"] == pytest.approx(4e-3) and len(dit_group["params"]) == len(list(gen.dit.parameters()))
     gen.queries.requires_grad_(False)  # frozen queries: no group of their own
     assert len(GenerationModule(gen, bb, cfg).configure_optimizers()["optimizer"].param_groups) == 1
+    with pytest.raises(ValueError, match="query_lr_scale must be >= 0"):
+        GenerationTrainConfig(query_lr_scale=-0.1)
 
 
 def test_training_overfits_one_batch_and_keeps_backbone_frozen():

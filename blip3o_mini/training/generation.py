@@ -35,6 +35,11 @@ class GenerationTrainConfig:
     checkpoint_every: int = 200
     seed: int = 0
 
+    def __post_init__(self):
+        if self.query_lr_scale < 0:
+            raise ValueError(f"generation.train.query_lr_scale must be >= 0 (0 freezes the queries), "
+                             f"got {self.query_lr_scale}")
+
 
 class CaptionFeatureDataset(Dataset):
     """Every (caption paraphrase, its image's CLIP features (N, F)) pair, flattened: an epoch

@@ -1,6 +1,7 @@
 """The CLIP encoder: BLIP3-o's 64-token feature target, input handling, checkpoints, EVA path."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,3 +218,14 @@ def test_contrastive_loss_is_open_clip_clip_loss_plus_negatives():
     # extra negatives can only make the image -> text task harder
     assert with_neg > ClipLoss()(img, txt, 10.0)
     assert ClipTrainConfig().hard_negatives
+
+
+def test_bench_clip_step_times_the_stage_step(monkeypatch):
+    """benchmarks/bench_clip_step.py: the clip stage's step, split into towers, with the share
+    of the time in matrix products (what decides whether fewer FLOPs or faster kernels pay)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_clip_step
+
+    out = bench_clip_step.main(["--batch", "4", "--repeats", "1"])
+    assert out["batch"] == 4 and out["vision_fwd_bwd_s"] > 0 and out["text_fwd_bwd_s"] > 0
+    assert 0 < out["matmul_share"] <= 1 and out["matmul_gflop_per_step"] > 0

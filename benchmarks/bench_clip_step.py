@@ -1,0 +1,117 @@
+"""Where a toy CLIP training step spends its time: the vision tower, the text tower, AdamW.
+
+    python benchmarks/bench_clip_step.py                  # toy config, CPU, as the clip stage runs
+    python benchmarks/bench_clip_step.py --batch 64 --json clip_step.json
+
+The step is the clip stage's (`blip3o_mini.training.clip.ClipModule`): the open_clip model of
+`configs/toy.yaml`, bf16 autocast, the attention kernel the stage uses on this device
+(`trainer.attention: auto`: the math kernel on CPU), B ShapesWorld images against B captions
+plus B shape-swapped hard negatives. Each part (forward + backward) is the median over
+`--repeats` runs after one warm-up. A `torch.profiler` pass over whole steps then gives the
+share of the time in matrix products (mm, addmm, bmm) and their throughput, counted from the
+shapes: whether the step is bound by arithmetic (fewer FLOPs per sample is the only way to a
+shorter stage) or by everything around it (kernels, casts, Python).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=None, help="images per step (default: the toy config's)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    args = p.parse_args(argv)
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from blip3o_mini.clip_stage import clip_configs
+    from blip3o_mini.config import load_config
+    from blip3o_mini.data.dataset import generate_split
+    from blip3o_mini.data.tensors import images_uint8
+    from blip3o_mini.run import stage_attention_kernel
+    from blip3o_mini.training.clip import ClipModule, swap_shape
+    from blip3o_mini.vision import ClipEncoder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config("toy")
+    clip_cfg, train_cfg = clip_configs(cfg["clip"])
+    B = args.batch or train_cfg.batch_size
+    torch.manual_seed(0)
+    encoder = ClipEncoder(clip_cfg).train()
+    module = ClipModule(encoder, train_cfg)
+    opt = module.configure_optimizers()["optimizer"]
+    split = generate_split(0, "train", B)
+    images = images_uint8(split)  # (B, 3, H, W) uint8
+    captions = [c[0] for c in split["captions"]]
+    ids = encoder.tokenize(captions + [swap_shape(c) for c in captions])  # (2B, T)
+    model = encoder.model
+
+    def vision():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            emb = model.encode_image(encoder.preprocess(images), normalize=True)  # (B, E)
+        emb.float().sum().backward()
+
+    def text():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            emb = model.encode_text(ids, normalize=True)  # (2B, E)
+        emb.float().sum().backward()
+
+    def step():  # the whole training step, loss and AdamW included
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = module.training_step((images, ids), 0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    module.log = lambda *a, **k: None  # no Trainer here to log to
+
+    def median_s(fn) -> float:
+        fn()
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    with stage_attention_kernel(cfg):
+        parts = {"vision": median_s(vision), "text": median_s(text), "step": median_s(step)}
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
+            for _ in range(3):
+                step()
+    total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 3 / 1e6  # s per step
+    mat = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in MATMULS]
+    mat_s = sum(e.self_cpu_time_total for e in mat) / 3 / 1e6
+    flops = sum(e.flops for e in mat) / 3  # counted by the profiler from the recorded shapes
+    out = {"batch": B, "threads": torch.get_num_threads(), "cpu": os.cpu_count(),
+           "vision_fwd_bwd_s": round(parts["vision"], 4), "text_fwd_bwd_s": round(parts["text"], 4),
+           "step_s": round(parts["step"], 4), "profiled_step_s": round(total, 4),
+           "matmul_share": round(mat_s / total, 3), "matmul_gflop_per_step": round(flops / 1e9, 1),
+           "matmul_gflop_per_s": round(flops / 1e9 / mat_s, 1) if mat_s else None}
+    print(f"toy CLIP step, batch {B} (+{B} hard negatives), bf16 autocast, {out['threads']} thread(s)")
+    print(f"vision tower fwd+bwd {parts['vision'] * 1e3:7.1f} ms")
+    print(f"text tower fwd+bwd   {parts['text'] * 1e3:7.1f} ms  ({2 * B} captions)")
+    print(f"whole step           {parts['step'] * 1e3:7.1f} ms  (loss and AdamW included)")
+    print(f"matrix products: {out['matmul_share']:.0%} of the profiled step, "
+          f"{out['matmul_gflop_per_step']} GFLOP at {out['matmul_gflop_per_s']} GFLOP/s")
+    print(json.dumps(out))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()

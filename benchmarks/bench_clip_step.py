@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
             for _ in range(3):
                 step()
-    total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 3 / 1e6  # s per step
-    mat = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in MATMULS]
+    events = prof.key_averages()  # one row per op, FLOPs summed over its shapes
+    total = sum(e.self_cpu_time_total for e in events) / 3 / 1e6  # s per step
+    mat = [e for e in events if e.key in MATMULS]
     mat_s = sum(e.self_cpu_time_total for e in mat) / 3 / 1e6
     flops = sum(e.flops for e in mat) / 3  # counted by the profiler from the recorded shapes
     out = {"batch": B, "threads": torch.get_num_threads(), "cpu": os.cpu_count(),

@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=None, help="images per step (default: the toy config's)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--precision", choices=["bf16-mixed", "32-true"], default="bf16-mixed",
+                   help="bf16 autocast (the toy recipe's) or fp32")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
 
@@ -58,18 +60,21 @@ def main(argv: list[str] | None = None) -> dict:
     ids = encoder.tokenize(captions + [swap_shape(c) for c in captions])  # (2B, T)
     model = encoder.model
 
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
+
     def vision():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             emb = model.encode_image(encoder.preprocess(images), normalize=True)  # (B, E)
         emb.float().sum().backward()
 
     def text():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             emb = model.encode_text(ids, normalize=True)  # (2B, E)
         emb.float().sum().backward()
 
     def step():  # the whole training step, loss and AdamW included
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             loss = module.training_step((images, ids), 0)
         loss.backward()
         opt.step()
@@ -96,12 +101,12 @@ def main(argv: list[str] | None = None) -> dict:
     mat = [e for e in events if e.key in MATMULS]
     mat_s = sum(e.self_cpu_time_total for e in mat) / 3 / 1e6
     flops = sum(e.flops for e in mat) / 3  # counted by the profiler from the recorded shapes
-    out = {"batch": B, "threads": torch.get_num_threads(), "cpu": os.cpu_count(),
+    out = {"batch": B, "precision": args.precision, "threads": torch.get_num_threads(), "cpu": os.cpu_count(),
            "vision_fwd_bwd_s": round(parts["vision"], 4), "text_fwd_bwd_s": round(parts["text"], 4),
            "step_s": round(parts["step"], 4), "profiled_step_s": round(total, 4),
            "matmul_share": round(mat_s / total, 3), "matmul_gflop_per_step": round(flops / 1e9, 1),
            "matmul_gflop_per_s": round(flops / 1e9 / mat_s, 1) if mat_s else None}
-    print(f"toy CLIP step, batch {B} (+{B} hard negatives), bf16 autocast, {out['threads']} thread(s)")
+    print(f"toy CLIP step, batch {B} (+{B} hard negatives), {args.precision}, {out['threads']} thread(s)")
     print(f"vision tower fwd+bwd {parts['vision'] * 1e3:7.1f} ms")
     print(f"text tower fwd+bwd   {parts['text'] * 1e3:7.1f} ms  ({2 * B} captions)")
     print(f"whole step           {parts['step'] * 1e3:7.1f} ms  (loss and AdamW included)")

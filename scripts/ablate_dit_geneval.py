@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--time-shift", type=float, default=None, help="override generation.flow.time_shift")
     p.add_argument("--save", type=Path, default=None, help="write the final DiT weights here (.safetensors)")
     p.add_argument("--q-cache", type=Path, default=None,
-                   help="save/load the cached Q here (.safetensors, bf16); delete it when the run changes")
+                   help="save/load the cached Q here (.safetensors, bf16; recomputed when the run's queries or backbone differ)")
     args = p.parse_args()
 
     from blip3o_mini.pipeline import Blip3oMiniPipeline, SamplingConfig
@@ -114,6 +114,8 @@ def cached_pairs(pipe, run: Path, q_cache: Path | None):
     standardised as the generator trains on them, and each pair's image row (P,)."""
     import datasets
 
+    from safetensors import safe_open
+
     from blip3o_mini.artifacts import load_tensors, save_tensors
     from blip3o_mini.features import load_split_features
 
@@ -122,16 +124,26 @@ def cached_pairs(pipe, run: Path, q_cache: Path | None):
     rows = torch.tensor([r for r, options in enumerate(captions) for _ in options])  # (P,)
     texts = [t for options in captions for t in options]
     t0 = time.perf_counter()
-    if q_cache and q_cache.exists():
+    key = condition_key(gen, backbone)
+    cached = q_cache and q_cache.exists() and safe_open(str(q_cache), "pt").metadata().get("key") == key
+    if cached:
         q = load_tensors(q_cache)["q"]
-    else:
+    else:  # no cache, or one made with other queries or another backbone
         with torch.no_grad():  # bf16 halves the memory of ~40k conditions
             q = gen.condition(backbone, texts, chunk_size=500).bfloat16()
         if q_cache:
-            save_tensors(q_cache, {"q": q})
+            save_tensors(q_cache, {"q": q}, metadata={"key": key})
     x = gen.normalize(load_split_features(run / "clip", "train"))  # (N, 64, F)
-    print(f"Q of {len(texts)} captions ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"Q of {len(texts)} captions {'read from the cache' if cached else 'computed'} in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
     return q, x, rows
+
+
+def condition_key(gen, backbone) -> str:
+    """What Q depends on: the backbone's weights and the queries (the `--q-cache` file's key)."""
+    from blip3o_mini.generation_stage import weights_hash
+
+    return f"{weights_hash(backbone)}-{weights_hash(torch.nn.ParameterList([gen.queries]))}"
 
 
 def train_and_score(pipe, q, x, rows, args, cfg, directions: dict) -> dict:

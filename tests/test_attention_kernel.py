@@ -62,3 +62,36 @@ def test_pipeline_runs_its_stages_inside_the_kernel(monkeypatch, tmp_path):
     run.ensure_stage("data", {"trainer": {"accelerator": "cpu", "attention": "default"}}, tmp_path)
     assert seen == [False, True]
     assert torch.backends.cuda.flash_sdp_enabled()
+
+
+def test_every_trainer_carries_the_kernel_into_its_training_process():
+    """A ddp_spawn worker does not inherit the stage's context: the Trainer's callback enters the
+    kernel where `fit` runs. Here `fit` runs outside any context; training sees math SDPA only."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from blip3o_mini.training.distributed import make_trainer
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w, self.seen = torch.nn.Parameter(torch.ones(1)), []
+
+        def training_step(self, batch, i):
+            self.seen.append((torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
+            return (self.w * batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class Mine(Callback):
+        pass
+
+    probe, mine = Probe(), Mine()
+    trainer = make_trainer(TrainerConfig(accelerator="cpu"), max_steps=2, callbacks=[mine], logger=False,
+                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    assert mine in trainer.callbacks  # the caller's callbacks are kept beside the kernel's
+    assert torch.backends.cuda.flash_sdp_enabled()  # nothing entered before fit
+    trainer.fit(probe, torch.utils.data.DataLoader(torch.ones(4, 1), batch_size=2))
+    assert probe.seen == [(False, True), (False, True)]
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored after fit

@@ -201,8 +201,13 @@ def test_queries_train_at_their_own_learning_rate():
     dit_group, query_group = opt.param_groups
     assert query_group["params"] == [gen.queries] and query_group["lr"] == pytest.approx(4e-4)
     assert dit_group["lr"] == pytest.approx(4e-3) and len(dit_group["params"]) == len(list(gen.dit.parameters()))
-    gen.queries.requires_grad_(False)  # frozen queries: no group of their own
-    assert len(GenerationModule(gen, bb, cfg).configure_optimizers()["optimizer"].param_groups) == 1
+    frozen = GenerationModule(gen, bb, dataclasses.replace(cfg, query_lr_scale=0.0))
+    assert not gen.queries.requires_grad  # scale 0: frozen outright, no group of their own
+    assert len(frozen.configure_optimizers()["optimizer"].param_groups) == 1
+    loss = frozen.generator.loss(bb, ["a red circle"], torch.randn(1, 64, F))
+    assert not gen.condition(bb, ["a red circle"]).requires_grad  # Q builds no graph through the LM
+    loss.loss.backward()
+    assert gen.queries.grad is None and gen.dit.final.linear.weight.grad is not None
     with pytest.raises(ValueError, match="query_lr_scale must be >= 0"):
         GenerationTrainConfig(query_lr_scale=-0.1)
 

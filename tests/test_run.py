@@ -112,10 +112,13 @@ def test_dit_lr_ablation_script_trains_fresh_dits_on_the_runs_q(tiny_run, monkey
 
 def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, monkeypatch, capsys, tmp_path):
     """scripts/ablate_dit_geneval.py (the README's steps / EMA / gate figures) on a finished run:
-    one score per weights and step, Q cached to safetensors and read back the second time."""
+    one score per weights and step, Q cached to safetensors and read back the second time, and
+    computed again when the cache was made with other queries (its key differs)."""
     import runpy
     import sys
     from pathlib import Path
+
+    from blip3o_mini.artifacts import load_tensors, save_tensors
 
     _, out = tiny_run
     script = Path(__file__).parents[1] / "scripts" / "ablate_dit_geneval.py"
@@ -128,12 +131,14 @@ def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, 
                                           "--q-cache", str(cache)] + extra)
         runpy.run_path(str(script), run_name="__main__")
         printed = capsys.readouterr().out.strip().splitlines()
+        assert any(("read from the cache" if extra else "computed") in line for line in printed)
         scores = json.loads(printed[-1])
         assert sorted(scores) == ["ema 0.9 @ 1", "ema 0.9 @ 2", "raw @ 1", "raw @ 2"]
         assert all(0.0 <= v <= 1.0 for v in scores.values())
         assert sum("FVU by direction at t 0.5" in line for line in printed) == 4  # one per scored weights
-    assert cache.exists()
-    from blip3o_mini.artifacts import load_tensors
+    save_tensors(cache, load_tensors(cache), metadata={"key": "other queries"})  # a stale cache
+    runpy.run_path(str(script), run_name="__main__")  # the second pass's arguments again
+    assert "computed" in capsys.readouterr().out
     weights = load_tensors(saved)
     assert weights["x_embed.weight"].shape[1] == 8 and "blocks.1.qkv.weight" in weights  # 8 coordinates, 2 blocks
 

@@ -140,12 +140,14 @@ def test_trainer_flags_override_yaml():
         apply_trainer_arguments({}, p.parse_args(["--strategy", "horovod"]))
 
 
-def test_every_stage_takes_its_trainer_from_the_trainer_section():
+def test_every_stage_takes_its_trainer_from_the_trainer_section(monkeypatch):
     """Devices, nodes, strategy, precision: the trainer: section for every stage; without one
     (the toy) each stage keeps its recipe's precision on one device, as before."""
     from blip3o_mini.config import build
-    from blip3o_mini.training import understanding
+    from blip3o_mini.training import distributed, understanding
     from blip3o_mini.training.distributed import TrainerConfig, stage_trainer_config
+
+    monkeypatch.setattr(distributed, "cpu_has_bf16", lambda: True)
 
     tc = stage_trainer_config({"trainer": {"devices": 2, "num_nodes": 3, "strategy": "ddp"}}, "bf16-mixed")
     assert (tc.devices, tc.num_nodes, tc.strategy, tc.precision) == (2, 3, "ddp", "bf16-mixed")
@@ -153,6 +155,22 @@ def test_every_stage_takes_its_trainer_from_the_trainer_section():
     assert stage_trainer_config(load_config("toy"), "bf16-mixed") == TrainerConfig(precision="bf16-mixed")
     with pytest.raises(ValueError, match=r"unknown UnderstandingTrainConfig option\(s\) \['devices'\]"):
         build(understanding.UnderstandingTrainConfig, {"devices": 2})  # no stage keeps its own devices
+
+
+def test_bf16_recipes_run_in_fp32_on_a_cpu_without_bf16(monkeypatch, capsys):
+    """There bf16 is emulated (2.9x slower CLIP steps): the recipe's bf16 becomes fp32 with a
+    printed line, unless the trainer: section asks for bf16 or the job runs on GPUs."""
+    from blip3o_mini.training import distributed
+    from blip3o_mini.training.distributed import stage_trainer_config
+
+    monkeypatch.setattr(distributed, "cpu_has_bf16", lambda: False)
+    assert stage_trainer_config(load_config("toy"), "bf16-mixed").precision == "32-true"
+    assert "bf16-mixed asked, 32-true used" in capsys.readouterr().out
+    assert stage_trainer_config({"trainer": {"precision": "bf16-mixed"}}, "32-true").precision == "bf16-mixed"
+    assert stage_trainer_config({"trainer": {"accelerator": "gpu"}}, "bf16-mixed").precision == "bf16-mixed"
+    assert stage_trainer_config({}, "32-true").precision == "32-true"
+    monkeypatch.setattr(distributed, "cpu_has_bf16", lambda: True)
+    assert stage_trainer_config({"trainer": {"accelerator": "cpu"}}, "bf16-mixed").precision == "bf16-mixed"
 
 
 # ------------------------------------------------------------------------------ describe

@@ -27,13 +27,16 @@ def uses_math_kernel(attention: str, accelerator: str) -> bool:
     """`auto`: the math kernel when the job runs on CPU (accelerator "cpu", or "auto" without
     CUDA); `math`: always; `default`: never (PyTorch's own choice)."""
     check_attention(attention)
-    if attention == "auto":
-        if accelerator == "auto":
-            import torch  # here, so checking a config's trainer: section does not import torch
+    return runs_on_cpu(accelerator) if attention == "auto" else attention == "math"
 
-            return not torch.cuda.is_available()
-        return accelerator == "cpu"
-    return attention == "math"
+
+def runs_on_cpu(accelerator: str) -> bool:
+    """Whether a job with this `trainer.accelerator` runs on the CPU: "cpu", or "auto" without CUDA."""
+    if accelerator == "auto":
+        import torch  # here, so checking a config's trainer: section does not import torch
+
+        return not torch.cuda.is_available()
+    return accelerator == "cpu"
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import copy
 from dataclasses import asdict, dataclass
 
 from ..config import build
-from .attention_kernel import check_attention
+from .attention_kernel import check_attention, runs_on_cpu
 
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp",
               "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
@@ -63,11 +63,31 @@ def trainer_config(cfg: dict) -> TrainerConfig:
 
 def stage_trainer_config(cfg: dict, recipe_precision: str) -> TrainerConfig:
     """The `trainer:` section for one stage: its precision when the section sets one (the whole
-    job's hardware setting), else the stage recipe's `train.precision`."""
+    job's hardware setting), else the stage recipe's `train.precision`, which on a CPU without
+    bf16 instructions is fp32 (`recipe_precision_here`)."""
     tc = trainer_config(cfg)
     if "precision" not in (cfg.get("trainer") or {}):
-        tc.precision = recipe_precision
+        tc.precision = recipe_precision_here(recipe_precision, tc.accelerator)
     return tc
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX), as the toy recipes assume."""
+    import torch
+
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def recipe_precision_here(precision: str, accelerator: str) -> str:
+    """A recipe's bf16 on a CPU without bf16 instructions becomes "32-true": there every bf16
+    product is emulated, and a toy CLIP step took 2.4 s in bf16 against 0.84 s in fp32
+    (`benchmarks/bench_clip_step.py --precision`). Set `trainer.precision` to force bf16."""
+    if precision.startswith("bf16") and runs_on_cpu(accelerator) and not cpu_has_bf16():
+        print(f"precision: {precision} asked, 32-true used (this CPU has no bf16 instructions; "
+              "set trainer.precision to force it)", flush=True)
+        return "32-true"
+    return precision
 
 
 def check_global_batch(tc: TrainerConfig, batch_size: int) -> int:
@@ -91,9 +111,18 @@ def check_global_batch(tc: TrainerConfig, batch_size: int) -> int:
 def trainer_kwargs(tc: TrainerConfig, **overrides) -> dict:
     """Keyword arguments for `lightning.Trainer` (stage-specific ones, e.g. `max_steps`,
     `gradient_clip_val`, `callbacks`, go in `overrides`)."""
+    from .kernel_callback import AttentionKernel
+
     kw = {k: v for k, v in asdict(tc).items() if k not in ("global_batch_size", "attention")}
     kw["use_distributed_sampler"] = False  # data/sharding.py shards the data
-    return kw | overrides
+    kw["callbacks"] = [AttentionKernel(tc.attention, tc.accelerator)]  # ddp_spawn workers too
+    return merge_trainer_kwargs(kw, overrides)
+
+
+def merge_trainer_kwargs(kw: dict, overrides: dict) -> dict:
+    """`kw | overrides`, except that callbacks add up instead of replacing each other."""
+    callbacks = [*kw.get("callbacks", []), *overrides.get("callbacks", [])]
+    return kw | overrides | {"callbacks": callbacks}
 
 
 def make_trainer(tc: TrainerConfig, **overrides):

@@ -28,7 +28,7 @@ class GenerationTrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    query_lr_scale: float = 1.0  # the queries' lr relative to the DiT's (BLIP3-o: one lr for both)
+    query_lr_scale: float = 1.0  # the queries' lr relative to the DiT's (BLIP3-o: one lr for both; 0 freezes them)
     precision: str = "32-true"
     log_every: int = 25
     num_workers: int = 0
@@ -78,6 +78,8 @@ class GenerationModule(L.LightningModule):
         self.generator, self.backbone, self.cfg = generator, backbone, cfg
         self.backbone.requires_grad_(False)
         self.backbone.eval()
+        if cfg.query_lr_scale == 0:  # frozen queries: Q needs no graph, so no backward through the LM
+            self.generator.queries.requires_grad_(False)
         self.strict_loading = False  # checkpoints hold the generator only
         self.losses: list[tuple[int, float]] = []
 

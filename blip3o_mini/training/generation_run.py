@@ -19,7 +19,7 @@ import lightning as L
 from ..data.sharding import ShardedDataModule
 from ..describe import generation_configs
 from ..generation import Blip3oGenerator
-from .distributed import check_global_batch, stage_trainer_config, trainer_kwargs
+from .distributed import check_global_batch, merge_trainer_kwargs, stage_trainer_config, trainer_kwargs
 from .generation import GenerationModule, GenerationTrainConfig, collate
 
 
@@ -32,7 +32,7 @@ class GenerationRun:
     global_batch_size: int
 
     def trainer(self, **overrides) -> L.Trainer:
-        return L.Trainer(**(self.trainer_kwargs | overrides))
+        return L.Trainer(**merge_trainer_kwargs(self.trainer_kwargs, overrides))
 
     def fit(self, ckpt_path: str | None = None, **overrides) -> L.Trainer:
         trainer = self.trainer(**overrides)
@@ -67,5 +67,5 @@ subclass and its batch format (tests/ddp_script.py adds sample indices for fixed
     data = ShardedDataModule(dataset, train_cfg.batch_size, collate_fn=collate_fn, seed=train_cfg.seed,
                              num_workers=train_cfg.num_workers)
     kwargs = trainer_kwargs(tc, max_steps=train_cfg.max_steps, gradient_clip_val=train_cfg.grad_clip,
-                            logger=False, enable_progress_bar=False, enable_model_summary=False)
-    return GenerationRun(module, data, kwargs | trainer_overrides, train_cfg, global_batch)
+                            logger=False, enable_progress_bar=False, enable_model_summary=False, **trainer_overrides)
+    return GenerationRun(module, data, kwargs, train_cfg, global_batch)

@@ -2,9 +2,10 @@
 
     python benchmarks/bench_clip_step.py                  # toy config, CPU, as the clip stage runs
     python benchmarks/bench_clip_step.py --batch 64 --json clip_step.json
+    python benchmarks/bench_clip_step.py --precision 32-true    # on a CPU without bf16 instructions
 
 The step is the clip stage's (`blip3o_mini.training.clip.ClipModule`): the open_clip model of
-`configs/toy.yaml`, bf16 autocast, the attention kernel the stage uses on this device
+`configs/toy.yaml`, bf16 autocast (or fp32: `--precision`), the attention kernel the stage uses on this device
 (`trainer.attention: auto`: the math kernel on CPU), B ShapesWorld images against B captions
 plus B shape-swapped hard negatives. Each part (forward + backward) is the median over
 `--repeats` runs after one warm-up. A `torch.profiler` pass over whole steps then gives the

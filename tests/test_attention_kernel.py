@@ -1,6 +1,7 @@
 """The attention kernel setting (training/attention_kernel.py): the math SDPA kernel on CPU
 runs, the same attention, and the pipeline runs its stages inside it."""
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,34 +65,37 @@ def test_pipeline_runs_its_stages_inside_the_kernel(monkeypatch, tmp_path):
     assert torch.backends.cuda.flash_sdp_enabled()
 
 
-def test_every_trainer_carries_the_kernel_into_its_training_process():
-    """A ddp_spawn worker does not inherit the stage's context: the Trainer's callback enters the
-    kernel where `fit` runs. Here `fit` runs outside any context; training sees math SDPA only."""
-    import lightning as L
+def test_every_trainer_carries_the_kernel_into_its_training_processes():
+    """ddp_spawn workers do not inherit the stage's context: the Trainer's callback enters the
+    kernel where `fit` runs. Here `fit` runs outside any context, in 2 spawned CPU processes;
+    every step sees math SDPA only (logged as 0 = flash off, summed over ranks)."""
     from lightning.pytorch.callbacks import Callback
 
     from blip3o_mini.training.distributed import make_trainer
 
-    class Probe(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.w, self.seen = torch.nn.Parameter(torch.ones(1)), []
-
-        def training_step(self, batch, i):
-            self.seen.append((torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
-            return (self.w * batch[0]).sum()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    class Mine(Callback):
-        pass
-
-    probe, mine = Probe(), Mine()
-    trainer = make_trainer(TrainerConfig(accelerator="cpu"), max_steps=2, callbacks=[mine], logger=False,
-                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    mine = Callback()  # a caller's own callback (module level: spawned workers unpickle it)
+    trainer = make_trainer(TrainerConfig(accelerator="cpu", devices=2, strategy="ddp_spawn"), max_steps=2,
+                           callbacks=[mine], logger=False, enable_checkpointing=False,
+                           enable_progress_bar=False, enable_model_summary=False)
     assert mine in trainer.callbacks  # the caller's callbacks are kept beside the kernel's
     assert torch.backends.cuda.flash_sdp_enabled()  # nothing entered before fit
-    trainer.fit(probe, torch.utils.data.DataLoader(torch.ones(4, 1), batch_size=2))
-    assert probe.seen == [(False, True), (False, True)]
+    trainer.fit(KernelProbe(), torch.utils.data.DataLoader(torch.ones(8, 1), batch_size=2))
+    assert trainer.callback_metrics["flash"].item() == 0 and trainer.callback_metrics["math"].item() == 2
     assert torch.backends.cuda.flash_sdp_enabled()  # restored after fit
+
+
+class KernelProbe(L.LightningModule):
+    """Logs, at every step, whether this process's SDPA may use the flash / math kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def training_step(self, batch, i):
+        for name in ("flash", "math"):
+            on = getattr(torch.backends.cuda, f"{name}_sdp_enabled")()
+            self.log(name, float(on), reduce_fx="sum", sync_dist=True)
+        return (self.w * batch[0]).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)

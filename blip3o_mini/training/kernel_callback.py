@@ -18,10 +18,13 @@ from .attention_kernel import attention_kernel
 class AttentionKernel(Callback):
     def __init__(self, attention: str = "auto", accelerator: str = "auto"):
         self.attention, self.accelerator = attention, accelerator
-        self._stack = contextlib.ExitStack()
+        self._stack: contextlib.ExitStack | None = None  # made in the training process
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self._stack = contextlib.ExitStack()
         self._stack.enter_context(attention_kernel(self.attention, self.accelerator))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        self._stack.close()
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None

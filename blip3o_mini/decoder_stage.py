@@ -144,6 +144,7 @@ def evaluate_and_write(result, ds, clip, key: str, out: Path, ckpt_dir: Path, tr
     report = evaluate_reconstruction(decoded, originals, [scene_of(r) for r in val])
     metrics = report.metrics() | {
         "train_steps": train_cfg.max_steps, "train_seconds": round(result.train_seconds, 1),
+        "train_precision": result.trainer.precision,
         "train_images_per_second": round(result.images_per_second, 1),
         "resumed_from_step": result.resumed_from_step,
         "final_loss": result.loss_curve[-1][1] if result.loss_curve else None,

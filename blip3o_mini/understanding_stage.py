@@ -91,6 +91,7 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
         backbone.encoder = load_encoder(clip.path).requires_grad_(False).eval()
         num_params = sum(p.numel() for n, p in backbone.named_parameters() if not n.startswith("encoder."))
         metrics |= {"train_steps": result.steps, "train_seconds": round(result.seconds, 1),
+                    "train_precision": result.trainer.precision,
                     "resumed_from_step": result.resumed_from, "num_parameters": num_params,
                     "tokens_per_second": round(result.steps * train_cfg.batch_size
                                                * result.extra["tokens_per_row"] / max(result.seconds, 1e-9)),

@@ -59,6 +59,9 @@ def test_report_has_the_promised_keys(tiny_run):
     assert report["vqa"]["accuracy_after"] == report["vqa"]["accuracy_before"]
     assert report["vqa"]["backbone_unchanged"] is True
     assert set(report["timings_s"]) == {n for n, _ in stages_for(TINY)} and report["total_s"] > 0
+    # the precision each stage trained in: a recipe's bf16 is fp32 on a CPU without bf16 instructions
+    assert all(report["stages"][s]["train_precision"] in ("32-true", "bf16-mixed")
+               for s in ("clip", "understanding", "generation", "decoder"))
     assert "GenEval-mini" in (out / "report.md").read_text()
 
 

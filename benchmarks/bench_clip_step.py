@@ -2,10 +2,11 @@
 
     python benchmarks/bench_clip_step.py                  # toy config, CPU, as the clip stage runs
     python benchmarks/bench_clip_step.py --batch 64 --json clip_step.json
-    python benchmarks/bench_clip_step.py --precision 32-true    # on a CPU without bf16 instructions
+    python benchmarks/bench_clip_step.py --precision bf16-mixed    # force bf16 (emulated on CPUs without it)
 
 The step is the clip stage's (`blip3o_mini.training.clip.ClipModule`): the open_clip model of
-`configs/toy.yaml`, bf16 autocast (or fp32: `--precision`), the attention kernel the stage uses on this device
+`configs/toy.yaml`, the stage's precision (bf16 autocast; fp32 on a CPU without bf16
+instructions; `--precision` picks), the attention kernel the stage uses on this device
 (`trainer.attention: auto`: the math kernel on CPU), B ShapesWorld images against B captions
 plus B shape-swapped hard negatives. Each part (forward + backward) is the median over
 `--repeats` runs after one warm-up. A `torch.profiler` pass over whole steps then gives the
@@ -30,8 +31,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=None, help="images per step (default: the toy config's)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    p.add_argument("--precision", choices=["bf16-mixed", "32-true"], default="bf16-mixed",
-                   help="bf16 autocast (the toy recipe's) or fp32")
+    p.add_argument("--precision", choices=["bf16-mixed", "32-true"], default=None,
+                   help="bf16 autocast or fp32 (default: the stage's, bf16 where the CPU has bf16 instructions)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
 
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     from blip3o_mini.data.tensors import images_uint8
     from blip3o_mini.run import stage_attention_kernel
     from blip3o_mini.training.clip import ClipModule, swap_shape
+    from blip3o_mini.training.distributed import recipe_precision_here
     from blip3o_mini.vision import ClipEncoder
 
     if args.threads:
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config("toy")
     clip_cfg, train_cfg = clip_configs(cfg["clip"])
     B = args.batch or train_cfg.batch_size
+    args.precision = args.precision or recipe_precision_here(train_cfg.precision, "cpu")
     torch.manual_seed(0)
     encoder = ClipEncoder(clip_cfg).train()
     module = ClipModule(encoder, train_cfg)

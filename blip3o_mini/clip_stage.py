@@ -67,9 +67,7 @@ def clip_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
         remove_stale_checkpoints(out, ckpt_dir)
         result = train_clip(encoder, train_images, ds["train"]["captions"], train_cfg, ckpt_dir,
                             trainer=stage_trainer_config(cfg, train_cfg.precision))
-        metrics |= {"train_steps": result.steps, "train_seconds": round(result.seconds, 1),
-                    "train_precision": result.trainer.precision, "resumed_from_step": result.resumed_from,
-                    "final_loss": result.loss_history[-1][1] if result.loss_history else None}
+        metrics |= result.metrics()
 
     def write() -> None:  # global rank 0 only (run.finish_on_rank_zero): features, checks, files
         if result is not None:

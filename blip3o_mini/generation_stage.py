@@ -137,10 +137,7 @@ def generation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
 
 
 def train_metrics(result: TrainResult, generator: Blip3oGenerator) -> dict:
-    return {"train_steps": result.steps, "train_seconds": round(result.seconds, 1),
-            "train_precision": result.trainer.precision, "resumed_from_step": result.resumed_from,
-            "final_loss": result.loss_history[-1][1] if result.loss_history else None,
-            "num_params_trainable": sum(p.numel() for p in generator.parameters())}
+    return result.metrics() | {"num_params_trainable": sum(p.numel() for p in generator.parameters())}
 
 
 def write_generator_stage(out: Path, key: str, generator: Blip3oGenerator, result: TrainResult, metrics: dict,

@@ -90,12 +90,10 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
                                      trainer=stage_trainer_config(cfg, train_cfg.precision))
         backbone.encoder = load_encoder(clip.path).requires_grad_(False).eval()
         num_params = sum(p.numel() for n, p in backbone.named_parameters() if not n.startswith("encoder."))
-        metrics |= {"train_steps": result.steps, "train_seconds": round(result.seconds, 1),
-                    "train_precision": result.trainer.precision,
-                    "resumed_from_step": result.resumed_from, "num_parameters": num_params,
-                    "tokens_per_second": round(result.steps * train_cfg.batch_size
-                                               * result.extra["tokens_per_row"] / max(result.seconds, 1e-9)),
-                    "final_loss": result.loss_history[-1][1] if result.loss_history else None} | result.extra
+        metrics |= result.metrics() | {
+            "num_parameters": num_params,
+            "tokens_per_second": round(result.steps * train_cfg.batch_size
+                                       * result.extra["tokens_per_row"] / max(result.seconds, 1e-9))} | result.extra
 
     def write() -> None:  # global rank 0 only (run.finish_on_rank_zero)
         if result is not None:

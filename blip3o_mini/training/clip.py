@@ -144,6 +144,12 @@ class TrainResult:
     extra: dict = field(default_factory=dict)
     trainer: object = None  # the lightning.Trainer that ran: its rank and barrier (run.finish_on_rank_zero)
 
+    def metrics(self) -> dict:
+        """The training figures every stage writes to its metrics.json."""
+        return {"train_steps": self.steps, "train_seconds": round(self.seconds, 1),
+                "train_precision": self.trainer.precision, "resumed_from_step": self.resumed_from,
+                "final_loss": self.loss_history[-1][1] if self.loss_history else None}
+
 
 def train_clip(encoder: ClipEncoder, images: torch.Tensor, captions: list[list[str]], cfg: ClipTrainConfig,
                ckpt_dir: str | Path, trainer: TrainerConfig | None = None,

@@ -12,7 +12,7 @@ With the decoder's warm-up (decay min(d, (1 + step) / (10 + step))) any d above 
 As `ablate_dit_lr.py`, the condition Q of every training caption (all paraphrases) is computed
 once with a finished run's queries and frozen backbone, so a step costs a DiT step only. One
 fresh DiT trains with the toy stage's recipe (AdamW, warmup, cosine decay over `--steps`, noise
-repeats, bf16 autocast where the CPU has bf16) while EMA copies at each decay follow its weights. At each `--score-at`
+repeats, the stage's precision: bf16 autocast where the config asks for it and the CPU has bf16) while EMA copies at each decay follow its weights. At each `--score-at`
 step and at the end, each set of weights replaces the run pipeline's DiT and generates the
 GenEval-mini prompts (the evaluation stage's prompts, seeds and sampling), which the GenEval-mini
 detector scores. Scores at intermediate steps come from a schedule still mid-decay.
@@ -150,8 +150,10 @@ def train_and_score(pipe, q, x, rows, args, cfg, directions: dict) -> dict:
     """Train a fresh DiT with the toy stage's recipe; GenEval-mini summaries by weights and step."""
     from blip3o_mini.dit import NextDiT
     from blip3o_mini.flow import FlowMatching
-    from blip3o_mini.training.distributed import recipe_precision_here
+    from blip3o_mini.config import build
+    from blip3o_mini.training.distributed import stage_trainer_config
     from blip3o_mini.training.ema import update_ema
+    from blip3o_mini.training.generation import GenerationTrainConfig
     from blip3o_mini.training.schedule import cosine_with_warmup
 
     gen, results = pipe.generator, {}
@@ -166,7 +168,10 @@ def train_and_score(pipe, q, x, rows, args, cfg, directions: dict) -> dict:
     warmup = cfg["generation"].get("train", {}).get("warmup_steps", 100)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: cosine_with_warmup(s, warmup, args.steps, args.min_lr / args.lr))
-    bf16 = recipe_precision_here("bf16-mixed", "cpu") == "bf16-mixed"  # the stage's: fp32 on CPUs without bf16
+    # The precision the stage's Trainer would use here (the trainer: section's wins; a bf16
+    # recipe runs fp32 on CPUs without bf16 instructions).
+    recipe = build(GenerationTrainConfig, cfg["generation"].get("train")).precision
+    bf16 = stage_trainer_config(cfg, recipe).precision == "bf16-mixed"
     start = time.perf_counter()
     for step in range(args.steps):
         i = torch.randint(0, len(q), (args.batch_size,))

@@ -145,21 +145,41 @@ class SampleResult:
 
 @torch.no_grad()
 def euler_sample(velocity: Callable[[Tensor, Tensor], Tensor], x_0: Tensor, num_steps: int,
-                 return_trajectory: bool = False, time_shift: float = 1.0, start: float = 0.0) -> SampleResult:
+                 return_trajectory: bool = False, time_shift: float = 1.0, start: float = 0.0,
+                 sde_noise: float = 0.0, generator: torch.Generator | None = None) -> SampleResult:
     """Integrate dx/dt = velocity(x, t) from t = 0 (x_0, noise) to t = 1 with Euler steps.
 
     `velocity(x (B, ...), t (B,)) -> (B, ...)`. Exact for straight paths (constant velocity
     along each trajectory), which is what rectified flow aims for. With `start` > 0, `x_0` is
     the state at time `start` (a partly noised sample, SDEdit's and diffusers' img2img
-    `strength = 1 - start`) and the grid covers [start, 1] only."""
+    `strength = 1 - start`) and the grid covers [start, 1] only.
+
+    With `sde_noise` = eta > 0 the steps are Euler-Maruyama steps of the SDE
+
+        dx = [v - eta * (x - t v)] dt + sqrt(2 eta (1 - t)) dW,
+
+    which has the ODE's marginals for the true velocity (x - t v is E[x_0 | x_t], so the added
+    drift is eta (1 - t) times the score -E[x_0 | x_t] / (1 - t), and the noise's diffusion
+    term cancels it in the Fokker-Planck equation). Fresh noise along the path lets a sample
+    recover from the model's errors instead of carrying them to t = 1 (SiT, Ma et al. 2024,
+    samples this way). eta = 0 is the ODE, BLIP3-o's sampler; the last step is always an ODE step."""
     if not 0.0 <= start < 1.0:
         raise ValueError(f"start must be in [0, 1), got {start}")
+    if sde_noise < 0:
+        raise ValueError(f"sde_noise must be >= 0 (0: the ODE), got {sde_noise}")
     ts = start + (1 - start) * time_grid(num_steps, device=x_0.device, shift=time_shift)  # (K+1,)
     x = x_0
     xs = [x] if return_trajectory else None
     for k in range(num_steps):
-        t = ts[k].expand(x.shape[0])  # (B,)
-        x = x + (ts[k + 1] - ts[k]) * velocity(x, t)  # (B, N, D)
+        t, dt = ts[k].expand(x.shape[0]), ts[k + 1] - ts[k]  # (B,), ()
+        v = velocity(x, t)  # (B, N, D)
+        if sde_noise > 0 and k < num_steps - 1:
+            x0_hat = x - ts[k] * v  # E[x_0 | x_t]: (B, N, D)
+            dw = torch.randn(x.shape, generator=generator,
+                             device=generator.device if generator is not None else x.device).to(x)
+            x = x + dt * (v - sde_noise * x0_hat) + (2 * sde_noise * (1 - ts[k]) * dt).sqrt() * dw
+        else:
+            x = x + dt * v  # (B, N, D)
         if xs is not None:
             xs.append(x)
     return SampleResult(x_1=x, trajectory=torch.stack(xs) if xs is not None else None, t=ts)
@@ -189,6 +209,8 @@ class FlowMatching:
     time_shift: float = 1.0
     num_steps: int = 30
     guidance_scale: float = 3.0
+    # Noise injected along the sampling path (`euler_sample`'s eta). BLIP3-o: 0, the ODE.
+    sde_noise: float = 0.0
     # (x_0, t) draws per (x_1, cond) row. The condition costs a pass through the frozen LLM
     # (forward and backward to the queries) while the DiT is small, so reusing each condition
     # for several noisy copies buys DiT samples cheaply (MAR's `diffusion_batch_mul`, 4 there).
@@ -204,6 +226,8 @@ class FlowMatching:
             raise ValueError(f"noise_repeats must be >= 1, got {self.noise_repeats}")
         if self.time_shift <= 0:
             raise ValueError(f"time_shift must be > 0, got {self.time_shift}")
+        if self.sde_noise < 0:
+            raise ValueError(f"sde_noise must be >= 0 (0: the ODE sampler), got {self.sde_noise}")
 
     def loss(self, model: VelocityModel, x_1: Tensor, cond: Tensor, cond_mask: Tensor | None = None,
              *, x_0: Tensor | None = None, t: Tensor | None = None,
@@ -232,10 +256,11 @@ class FlowMatching:
                cond_mask: Tensor | None = None, *, x_0: Tensor | None = None,
                num_steps: int | None = None, guidance_scale: float | None = None,
                generator: torch.Generator | None = None, return_trajectory: bool = False,
-               start: float = 0.0) -> SampleResult:
+               start: float = 0.0, sde_noise: float | None = None) -> SampleResult:
         """Generate data of per-sample `shape` (e.g. (64, D)) for each condition row (B, Nq, C);
         with `start` > 0, finish `x_0` given as the state at that time (`euler_sample`), by
-        default in the steps the full path would spend on what is left of it."""
+        default in the steps the full path would spend on what is left of it. `generator`
+        draws `x_0` (when not given) and the SDE's noise (`sde_noise` > 0)."""
         B = cond.shape[0]
         if x_0 is None:
             x_0 = torch.randn((B, *shape), generator=generator, device=cond.device, dtype=cond.dtype)
@@ -243,5 +268,5 @@ class FlowMatching:
         v = guided_velocity(model, scale)
         if num_steps is None:  # the sampler's step size: 30 steps from 0 are 15 from 0.5
             num_steps = max(1, round(self.num_steps * (1 - start)))
-        return euler_sample(lambda x, t: v(x, t, cond, cond_mask), x_0,
-                            num_steps, return_trajectory, self.time_shift, start)
+        return euler_sample(lambda x, t: v(x, t, cond, cond_mask), x_0, num_steps, return_trajectory,
+                            self.time_shift, start, self.sde_noise if sde_noise is None else sde_noise, generator)

@@ -136,8 +136,9 @@ class Blip3oGenerator(nn.Module):
     def generate_features(self, backbone: QueryBackbone, prompts: list[str],
                           num_inference_steps: int | None = None, guidance_scale: float | None = None,
                           generator: torch.Generator | None = None,
-                          return_trajectory: bool = False):
-        """Sample CLIP features (B, N, F) for `prompts` with Euler steps and CFG."""
+                          return_trajectory: bool = False, sde_noise: float | None = None):
+        """Sample CLIP features (B, N, F) for `prompts` with Euler steps and CFG (`sde_noise`:
+        `euler_sample`'s; None: the flow config's)."""
         cond = self.condition(backbone, prompts)  # (B, Nq, K)
         # Noise is drawn on the generator's device (CPU by default), then moved: a seeded CPU
         # generator gives the same images on any device.
@@ -146,6 +147,7 @@ class Blip3oGenerator(nn.Module):
         x_0 = x_0.to(cond.device, cond.dtype)  # (B, N, L)
         result = self.flow.sample(self.dit, cond, x_0.shape[1:], x_0=x_0,
                                   num_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                  return_trajectory=return_trajectory)
+                                  generator=generator, return_trajectory=return_trajectory,
+                                  sde_noise=sde_noise)
         features = self.denormalize(result.x_1)  # (B, N, F)
         return (features, result) if return_trajectory else features

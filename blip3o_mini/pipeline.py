@@ -37,11 +37,12 @@ class SamplingConfig:
     decoder_steps: int = 20
     decoder_guidance_scale: float = 1.5
     batch_size: int = 64
+    sde_noise: float = 0.0  # noise along the DiT's sampling path (`flow.euler_sample`); 0: the ODE
 
     @classmethod
     def from_config(cls, cfg: dict) -> "SamplingConfig":
         """The numbers a run config samples with: the DiT's `generation.flow` (num_steps,
-        guidance_scale) and the decoder's `decoder.eval` (num_inference_steps, guidance_scale);
+        guidance_scale, sde_noise) and the decoder's `decoder.eval` (num_inference_steps, guidance_scale);
         keys the config leaves out keep `FlowMatching`'s and `DecoderEvalConfig`'s defaults."""
         from .config import build
         from .decoder_stage import decoder_configs
@@ -50,7 +51,7 @@ class SamplingConfig:
         flow = build(FlowMatching, (cfg.get("generation") or {}).get("flow"))
         decoder_eval = decoder_configs(cfg.get("decoder"))[2]
         return cls(flow.num_steps, flow.guidance_scale, decoder_eval.num_inference_steps,
-                   decoder_eval.guidance_scale)
+                   decoder_eval.guidance_scale, sde_noise=flow.sde_noise)
 
 
 class Blip3oMiniPipeline:
@@ -143,7 +144,8 @@ class Blip3oMiniPipeline:
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, generator: torch.Generator | None = None,
-                 decoder_steps: int | None = None, decoder_guidance_scale: float | None = None) -> PipelineOutput:
+                 decoder_steps: int | None = None, decoder_guidance_scale: float | None = None,
+                 sde_noise: float | None = None) -> PipelineOutput:
         """Generate one image per prompt. The same `generator` seed gives the same images."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
@@ -155,7 +157,8 @@ class Blip3oMiniPipeline:
             chunk = prompts[i:i + s.batch_size]
             f = self.generator.generate_features(
                 self.backbone, chunk, num_inference_steps or s.num_inference_steps,
-                s.guidance_scale if guidance_scale is None else guidance_scale, generator)  # (b, 64, F)
+                s.guidance_scale if guidance_scale is None else guidance_scale, generator,
+                sde_noise=s.sde_noise if sde_noise is None else sde_noise)  # (b, 64, F)
             images += self.decoder.decode(
                 f, decoder_steps or s.decoder_steps,
                 s.decoder_guidance_scale if decoder_guidance_scale is None else decoder_guidance_scale,

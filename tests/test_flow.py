@@ -159,6 +159,43 @@ def test_sample_from_a_start_time_keeps_the_step_size():
     assert len(seen) == 4
 
 
+def gaussian_data_field(m: float, s: float):
+    """The true velocity when the data are N(m, s^2) in every coordinate: x_t is Gaussian too
+    (mean t m, variance t^2 s^2 + (1 - t)^2), E[x_1 | x_t] is linear in x_t, and
+    v = (E[x_1 | x_t] - x_t) / (1 - t)."""
+    def field(x, t):
+        t = expand_t(t, x)
+        x1_hat = m + t * s**2 * (x - t * m) / (t**2 * s**2 + (1 - t) ** 2)
+        return (x1_hat - x) / (1 - t)
+    return field
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 2.0])
+def test_sde_sampler_keeps_the_marginals_of_the_true_field(eta):
+    """With the true field, noise along the path (any eta) still ends at the data distribution:
+    the added drift is exactly what the injected noise spreads, so a sign or scale slip in
+    either would move the final mean or std."""
+    m, s = 2.0, 0.5
+    x_1 = euler_sample(gaussian_data_field(m, s), rand(40000, 1, seed=7), num_steps=200,
+                       sde_noise=eta, generator=gen(8)).x_1
+    assert abs(x_1.mean().item() - m) < 0.02
+    assert abs(x_1.std().item() - s) < 0.02
+
+
+def test_sde_sampler_noise_is_seeded_and_zero_noise_is_the_ode():
+    field = gaussian_data_field(1.0, 0.3)
+    x_0 = rand(4, 8, 2, seed=9)
+    a = euler_sample(field, x_0, 10, sde_noise=1.0, generator=gen(1)).x_1
+    assert torch.equal(a, euler_sample(field, x_0, 10, sde_noise=1.0, generator=gen(1)).x_1)
+    assert not torch.allclose(a, euler_sample(field, x_0, 10, sde_noise=1.0, generator=gen(2)).x_1)
+    assert torch.equal(euler_sample(field, x_0, 10, sde_noise=0.0, generator=gen(1)).x_1,
+                       euler_sample(field, x_0, 10).x_1)
+    with pytest.raises(ValueError, match="sde_noise"):
+        euler_sample(field, x_0, 10, sde_noise=-1.0)
+    with pytest.raises(ValueError, match="sde_noise"):
+        FlowMatching(sde_noise=-0.5)
+
+
 def test_euler_constant_field_exact_and_linear_field_first_order():
     x_0 = rand(4, 10, seed=7)
     c = rand(1, 10, seed=8)

@@ -52,6 +52,15 @@ def test_same_seed_same_images_other_seed_differs(pipe):
     assert not torch.equal(pixels(a), pixels(c))
 
 
+def test_sde_sampling_is_seeded_and_differs_from_the_ode(pipe):
+    prompt, seed = "a photo of a red circle", lambda: torch.Generator().manual_seed(4)
+    ode = pipe(prompt, generator=seed()).features
+    sde = pipe(prompt, generator=seed(), sde_noise=1.0).features
+    assert torch.equal(sde, pipe(prompt, generator=seed(), sde_noise=1.0).features)
+    assert not torch.allclose(sde, ode)
+    assert torch.equal(ode, pipe(prompt, generator=seed(), sde_noise=0.0).features)
+
+
 def test_save_load_round_trip_identical_images(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     again = Blip3oMiniPipeline.from_pretrained(tmp_path / "pipe")

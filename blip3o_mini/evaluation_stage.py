@@ -55,7 +55,7 @@ def evaluation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
         part = [r for r in result.records if r["unseen"] == flag]
         summary[name] = summarize(part).overall if part else None
     metrics = {"geneval_mini": summary, "num_images": len(result.records),
-               "sampling": asdict(ecfg) | asdict(sampling)}
+               "object_counts": result.object_counts(), "sampling": asdict(ecfg) | asdict(sampling)}
     grid_figure(folder, out / "grid.png", ecfg.grid_prompts)
     print(_summary(metrics))
     atomic_write_json(out / "metrics.json", metrics)
@@ -116,5 +116,7 @@ def _summary(m: dict) -> str:
                      and isinstance(v, float))
     seen = "n/a" if g.get("seen") is None else f"{g['seen']:.3f}"
     unseen = "n/a" if g.get("unseen") is None else f"{g['unseen']:.3f}"
+    blank = ", ".join(f"{k} {v['blank']:.2f}" for k, v in m.get("object_counts", {}).items())
     return (f"GenEval-mini: overall {g['overall']:.3f}, seen prompts {g['overall_seen']:.3f}, unseen "
-            f"prompts {g['overall_unseen'] or 0:.3f} (tags with both: seen {seen}, unseen {unseen}); {tags}")
+            f"prompts {g['overall_unseen'] or 0:.3f} (tags with both: seen {seen}, unseen {unseen}); {tags}"
+            + (f"\nimages with no object detected: {blank}" if blank else ""))

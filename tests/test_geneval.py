@@ -18,7 +18,7 @@ from blip3o_mini.evaluation import (TAGS, Detection, add_noise, calibrate, detec
                                     same_objects, score_folder, write_geneval_folder)
 from blip3o_mini.evaluation.detector import label_components
 from blip3o_mini.evaluation.prompts import DEFAULT_PROMPTS_FILE
-from blip3o_mini.evaluation.score import summarize
+from blip3o_mini.evaluation.score import score_images, summarize
 
 PROMPTS = make_prompts()
 VAL = [scene_of(make_sample(0, "val", i)) for i in range(200)]
@@ -221,6 +221,18 @@ def test_summary_seen_unseen_are_tag_balanced():
     assert r.overall == pytest.approx(0.75)
     assert r.seen == pytest.approx(0.5) and r.unseen == pytest.approx(0.5)  # single_object left out
     assert summarize([rec("counting", False, True)]).seen is None
+
+
+def test_object_counts_say_blank_fewer_exact_more():
+    two = prompt("a photo of a circle and a square")
+    blank = np.full((64, 64, 3), 255, np.uint8)
+    one, both = (render(Scene(objs)) for objs in [(Obj("circle", "red", (4, 20, 20, 36)),),
+                                                    (Obj("circle", "red", (4, 20, 20, 36)),
+                                                     Obj("square", "blue", (40, 20, 56, 36)))])
+    three = render(Scene((Obj("circle", "red", (4, 4, 18, 18)), Obj("square", "blue", (40, 4, 54, 18)),
+                          Obj("circle", "green", (20, 40, 34, 54)))))
+    counts = score_images([blank, one, both, three], [two] * 4).object_counts()
+    assert counts == {"two_object": {"blank": 0.25, "fewer": 0.5, "exact": 0.25, "more": 0.25}}
 
 
 # ---------------------------------------------------------------- reconstruction prompts

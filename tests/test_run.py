@@ -8,6 +8,7 @@ import yaml
 
 from blip3o_mini.cli import main
 from blip3o_mini.config import load_config
+from blip3o_mini.pipeline import Blip3oMiniPipeline
 from blip3o_mini.run import NEEDS, STAGES, ensure_stage, run_config, stages_for
 
 TINY = {
@@ -196,14 +197,36 @@ def test_reconstruct_top_directions_script(tiny_run, monkeypatch, capsys):
     assert "top 128 of 128 directions (1.000 of the variance)" in printed[-2]
 
 
+def test_token_norms_script(tiny_run, monkeypatch, capsys):
+    """scripts/token_norms.py (the README's blank single-object images against real tokens)."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    _, out = tiny_run
+    script = Path(__file__).parents[1] / "scripts" / "token_norms.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--tags", "single_object", "--seeds", "1"])
+    runpy.run_path(str(script), run_name="__main__")
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    row = results["single_object"]
+    assert row["images"] == 54 and 0.0 <= row["blank"] <= 1.0 and row["norm"] > 0
+    assert results["real"] and all(v > 0 for v in results["real"].values())
+
+
 def test_sampling_settings_rerun_the_evaluation_not_the_training(tiny_run):
-    """generation.flow's num_steps / guidance_scale are read when sampling only: changing them
-    keeps the trained generator and re-runs the evaluation with the new numbers (last in this
-    file: it replaces the tiny run's evaluation)."""
+    """generation.flow's num_steps / guidance_scale / sde_noise are read when sampling only:
+    changing them keeps the trained generator and re-runs the evaluation with the new numbers
+    (last in this file: it replaces the tiny run's evaluation)."""
     _, out = tiny_run
     cfg = run_config(out)
-    cfg["generation"]["flow"]["guidance_scale"] = 1.0
+    cfg["generation"]["flow"].update(guidance_scale=1.0, sde_noise=0.5)
     results = ensure_stage("evaluation", cfg, out)
     assert results["generation"].skipped and results["decoder"].skipped
     assert not results["evaluation"].skipped
-    assert results["evaluation"].metrics["sampling"]["guidance_scale"] == 1.0
+    sampling = results["evaluation"].metrics["sampling"]
+    assert (sampling["guidance_scale"], sampling["sde_noise"]) == (1.0, 0.5)
+    pipe = Blip3oMiniPipeline.from_pretrained(results["evaluation"].path / "pipeline")
+    assert pipe.sampling.sde_noise == 0.5  # the saved pipeline samples as the evaluation did
+    counts = results["evaluation"].metrics["object_counts"]  # one row per tag, fractions of its images
+    assert counts and set(counts) <= set(results["evaluation"].metrics["geneval_mini"])
+    assert all(abs(c["fewer"] + c["exact"] + c["more"] - 1) < 1e-9 and c["blank"] <= c["fewer"] for c in counts.values())

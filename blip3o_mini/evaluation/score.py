@@ -78,6 +78,19 @@ class GenEvalResult:
         """`results.json`: overall, one key per tag, seen, unseen."""
         return {"overall": self.overall, **self.per_tag, "seen": self.seen, "unseen": self.unseen}
 
+    def object_counts(self) -> dict[str, dict[str, float]]:
+        """Per tag, the fraction of images with no object detected (`blank`) and with fewer,
+        exactly as many, or more objects than the prompt asks for: where a miss comes from
+        before any colour, shape or place is checked."""
+        out = {}
+        for tag in self.per_tag:
+            rs = [(len(r["detections"]), r["objects_asked"]) for r in self.records if r["tag"] == tag]
+            out[tag] = {"blank": float(np.mean([n == 0 for n, _ in rs])),
+                        "fewer": float(np.mean([n < k for n, k in rs])),
+                        "exact": float(np.mean([n == k for n, k in rs])),
+                        "more": float(np.mean([n > k for n, k in rs]))}
+        return out
+
     def table(self) -> str:
         counts = {t: sum(r["tag"] == t for r in self.records) for t in self.per_tag}
         lines = [f"{'tag':<14} {'accuracy':>8} {'images':>7}"]
@@ -114,6 +127,7 @@ def score_images(images: list, metadatas: list[dict], cfg: DetectorConfig | None
         correct, reason = evaluate(dets, m)
         records.append({"filename": names[i] if names else str(i), "tag": m["tag"],
                         "prompt": m["prompt"], "unseen": bool(m.get("unseen", False)),
+                        "objects_asked": sum(req["count"] for req in m["include"]),
                         "correct": correct, "reason": reason,
                         "detections": [d.to_dict() for d in dets]})
     return summarize(records)

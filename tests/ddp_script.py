@@ -23,27 +23,11 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/: also when notebook 07 loads this file by path
+from tiny_backbone import TinyBackbone  # noqa: E402
 
 NUM_SAMPLES, F, K, GLOBAL_BATCH = 16, 8, 16, 4
-
-
-class TinyBackbone(nn.Module):
-    """A frozen stand-in with the QueryBackbone interface (as in tests/test_generation.py)."""
-
-    def __init__(self, hidden_size: int = K):
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.embed = nn.Embedding(64, hidden_size)
-        self.layer = nn.TransformerEncoderLayer(hidden_size, 2, 32, dropout=0.0, batch_first=True)
-
-    def query_states(self, prompts, query_embeds):
-        ids = [torch.tensor([sum(map(ord, w)) % 64 for w in p.split()]) for p in prompts]
-        T = max(len(i) for i in ids)
-        tok = torch.stack([nn.functional.pad(i, (0, T - len(i))) for i in ids])  # (B, T)
-        B, Nq = len(prompts), query_embeds.shape[-2]
-        x = torch.cat([self.embed(tok), query_embeds.expand(B, Nq, -1)], dim=1)  # (B, T+Nq, K)
-        return self.layer(x)[:, T:]  # (B, Nq, K)
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -107,7 +91,7 @@ def make_run(devices: int, steps: int, **overrides):
             return out.loss
 
     torch.manual_seed(0)
-    backbone = TinyBackbone()
+    backbone = TinyBackbone(K, ffn=32, dropout=0.0)
     return generation_run(config(devices, steps), backbone, IndexedDataset(), F,
                           module_cls=SampleSeededModule, collate_fn=collate_indexed, **overrides)
 

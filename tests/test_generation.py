@@ -10,27 +10,9 @@ from torch import nn
 
 from blip3o_mini.generation import Blip3oGenerator, GeneratorConfig
 from blip3o_mini.training.generation import CaptionFeatureDataset, GenerationModule, GenerationTrainConfig, collate
+from tiny_backbone import TinyBackbone  # tests/tiny_backbone.py
 
 F, K = 16, 32
-
-
-class TinyBackbone(nn.Module):
-    """A frozen stand-in with the QueryBackbone interface: words and queries through one
-    transformer layer; returns the states at the query positions."""
-
-    def __init__(self, hidden_size: int = K):
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.embed = nn.Embedding(64, hidden_size)
-        self.layer = nn.TransformerEncoderLayer(hidden_size, 2, 64, dropout=0.1, batch_first=True)
-
-    def query_states(self, prompts, query_embeds):
-        ids = [torch.tensor([sum(map(ord, w)) % 64 for w in p.split()]) for p in prompts]
-        T = max(len(i) for i in ids)
-        tok = torch.stack([nn.functional.pad(i, (0, T - len(i))) for i in ids])  # (B, T)
-        B, Nq = len(prompts), query_embeds.shape[-2]
-        x = torch.cat([self.embed(tok), query_embeds.expand(B, Nq, -1)], dim=1)  # (B, T+Nq, K)
-        return self.layer(x)[:, T:]  # (B, Nq, K)
 
 
 def wake_up(dit):

@@ -4,6 +4,7 @@ the README promises, GenEval's folder layout is written, and a re-run reuses eve
 import json
 
 import pytest
+import torch
 import yaml
 
 from blip3o_mini.cli import main
@@ -211,6 +212,25 @@ def test_token_norms_script(tiny_run, monkeypatch, capsys):
     row = results["single_object"]
     assert row["images"] == 54 and 0.0 <= row["blank"] <= 1.0 and row["norm"] > 0
     assert results["real"] and all(v > 0 for v in results["real"].values())
+    probe = results["probe"]
+    assert 0.0 <= probe["accuracy"] <= probe["object_vs_background"] <= 1.0
+    assert set(probe["real_object_tokens"]) == set(results["real"])
+
+
+def test_token_norms_patch_labels():
+    """The probe's labels: a square filling the 8x8 patches at grid rows 1-2, columns 4-5 labels
+    exactly those 4 tokens with its colour (palette index + 1); the rest are background."""
+    import runpy
+    from pathlib import Path
+
+    from blip3o_mini.data.world import COLORS, Obj, Scene, render
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "token_norms.py"))
+    image = render(Scene((Obj("square", "blue", (32, 8, 48, 24)),)))
+    labels = script["patch_labels"]([image])[0].reshape(8, 8)  # (8, 8) grid rows x columns
+    expected = torch.zeros(8, 8, dtype=labels.dtype)
+    expected[1:3, 4:6] = COLORS.index("blue") + 1
+    assert torch.equal(labels, expected)
 
 
 def test_sampling_settings_rerun_the_evaluation_not_the_training(tiny_run):

@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--dit-dim", type=int, default=None, help="override generation.dit.dim")
     p.add_argument("--dit-depth", type=int, default=None, help="override generation.dit.depth")
     p.add_argument("--time-shift", type=float, default=None, help="override generation.flow.time_shift")
+    p.add_argument("--seed", type=int, default=0, help="the DiT's initialisation and batch draws (training-seed spread)")
     p.add_argument("--save", type=Path, default=None, help="write the final DiT weights here (.safetensors)")
     p.add_argument("--q-cache", type=Path, default=None,
                    help="save/load the cached Q here (.safetensors, bf16; recomputed when the run's queries or backbone differ)")
@@ -158,7 +159,7 @@ def train_and_score(pipe, q, x, rows, args, cfg, directions: dict) -> dict:
 
     gen, results = pipe.generator, {}
     flow = FlowMatching(**{**gen.cfg.flow, **({"time_sampling": args.time_sampling} if args.time_sampling else {})})
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     dit = NextDiT(gen.dit_cfg)
     with torch.no_grad():
         for block in dit.blocks:

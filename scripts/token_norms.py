@@ -95,13 +95,13 @@ def main() -> None:
     pipe = Blip3oMiniPipeline.from_pretrained(run / "evaluation" / "pipeline")
     gen, s = pipe.generator, pipe.sampling
     val = datasets.load_from_disk(str(run / "data" / "shapesworld"))["val"]
-    norms = gen.normalize(load_split_features(run / "clip", "val")).pow(2).sum(-1).mean(-1)  # (N,)
+    z_val = gen.normalize(load_split_features(run / "clip", "val"))  # (N, 64, L)
+    norms = z_val.pow(2).sum(-1).mean(-1)  # (N,)
     n_obj = torch.tensor([len(o) for o in val["objects"]])  # (N,)
     results = {"real": {int(k): round(norms[n_obj == k].mean().item(), 2) for k in n_obj.unique()}}
     for k, v in results["real"].items():
         print(f"real val images with {k} object(s): {v:.1f} per token")
 
-    z_val = gen.normalize(load_split_features(run / "clip", "val"))  # (N, 64, L)
     labels = patch_labels(val["image"])  # (N, 64)
     n_fit = int(0.8 * len(val))
     probe = fit_probe(z_val[:n_fit].flatten(0, 1), labels[:n_fit].flatten(), 1 + len(COLORS))
@@ -133,15 +133,14 @@ def main() -> None:
         norm, blank = torch.cat(norm), torch.tensor(blank)
         tokens, confidence = torch.cat(tokens), torch.cat(confidence)
 
-        def split(x, nan=False):  # mean over blank and over drawn images
-            mean = (lambda v: v.nanmean()) if nan else (lambda v: v.mean())
-            return [round(mean(x[m]).item(), 2) if m.any() else None for m in (blank, ~blank)]
+        def split(x):  # mean over blank and over drawn images (NaN: no object token to read)
+            return [round(x[m].nanmean().item(), 2) if m.any() else None for m in (blank, ~blank)]
 
         row = {"images": len(blank), "blank": round(blank.float().mean().item(), 3),
                "norm": round(norm.mean().item(), 2)}
         row["norm_blank"], row["norm_drawn"] = split(norm)
         row["object_tokens_blank"], row["object_tokens_drawn"] = split(tokens)
-        row["colour_confidence_blank"], row["colour_confidence_drawn"] = split(confidence, nan=True)
+        row["colour_confidence_blank"], row["colour_confidence_drawn"] = split(confidence)
         row["no_object_token_blank"] = round((tokens[blank] == 0).float().mean().item(), 2) if blank.any() else None
         results[tag] = row
         print(f"{tag}: {row['images']} images, {row['blank']:.2f} blank; per token {row['norm']:.1f} "

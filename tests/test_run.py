@@ -9,7 +9,7 @@ import yaml
 
 from blip3o_mini.cli import main
 from blip3o_mini.config import load_config
-from blip3o_mini.pipeline import Blip3oMiniPipeline
+from blip3o_mini.pipeline import Blip3oMiniPipeline, SamplingConfig
 from blip3o_mini.run import NEEDS, STAGES, ensure_stage, run_config, stages_for
 
 TINY = {
@@ -231,6 +231,27 @@ def test_token_norms_patch_labels():
     expected = torch.zeros(8, 8, dtype=labels.dtype)
     expected[1:3, 4:6] = COLORS.index("blue") + 1
     assert torch.equal(labels, expected)
+
+
+def test_ablate_decoder_tokens_script(tiny_run, monkeypatch, capsys):
+    """scripts/ablate_decoder_tokens.py (the README's decoder and noise-temperature figures): at the
+    config's own decoder numbers and temperature 1 it reproduces the evaluation stage's score."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    _, out = tiny_run
+    s = SamplingConfig.from_config(run_config(out))
+    own = f"1:{s.decoder_guidance_scale}:{s.decoder_steps}"
+    script = Path(__file__).parents[1] / "scripts" / "ablate_decoder_tokens.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--variants", own, "0.5:1:2",
+                                      "--finetune-noise", "0.5", "--finetune-steps", "2"])
+    runpy.run_path(str(script), run_name="__main__")
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sorted(scores) == sorted([own, "0.5:1:2", "decoder fine-tuned, token noise 0.5"])
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+    stage = json.loads((out / "evaluation" / "metrics.json").read_text())["geneval_mini"]["overall"]
+    assert scores[own] == round(stage, 4)
 
 
 def test_sampling_settings_rerun_the_evaluation_not_the_training(tiny_run):

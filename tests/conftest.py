@@ -16,3 +16,14 @@ def one_thread():
 
     with torch_threads(1):
         yield
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    """The toy CLIP encoder at random weights (seed 0), one per test module."""
+    import torch
+
+    from blip3o_mini.vision import ClipConfig, ClipEncoder
+
+    torch.manual_seed(0)
+    return ClipEncoder(ClipConfig())

@@ -6,13 +6,7 @@ import torch
 from blip3o_mini.artifacts import mark_complete
 from blip3o_mini.features import (ENCODER_DIR, FEATURES_DIR, cached_features, extract_features,
                                   feature_stats, load_split_features, measure_stats)
-from blip3o_mini.vision import ClipConfig, ClipEncoder
-
-
-@pytest.fixture(scope="module")
-def encoder():
-    torch.manual_seed(0)
-    return ClipEncoder(ClipConfig())
+from blip3o_mini.vision import ClipEncoder
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,6 @@ from blip3o_mini.vision import ClipConfig, ClipEncoder, pool_to_grid
 
 
 @pytest.fixture(scope="module")
-def encoder():
-    torch.manual_seed(0)
-    return ClipEncoder(ClipConfig())
-
-
-@pytest.fixture(scope="module")
 def images():
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=g)

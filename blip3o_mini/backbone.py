@@ -89,7 +89,7 @@ class GridPositions(nn.Module):
     out, and a 1D sequence index hides the grid's columns; the toy CLIP tokens carry their place
     only in part (notebook 02's probe). Qwen2.5-VL gives image tokens (t, h, w) rotary positions
     (M-RoPE); the toy adds the two embeddings instead, as ViT-style models do. Alone they did not
-    teach "is A left of B?"; with position turns they did (scripts/ablate_relation.py, README)."""
+    teach "is A left of B?"; with position turns they did (scripts/ablate_relation.py, docs/status.md)."""
 
     def __init__(self, side: int, hidden_size: int):
         super().__init__()

@@ -33,7 +33,8 @@ Choices, and why:
   `spatial_channels` also paste each token's projection onto its grid cell as input channels
   (as cascaded diffusion conditions on a low-resolution image). Measured with 300 training
   steps: cross-attention alone put objects at random places (centre error ~26 px, GenEval-mini
-  reconstruction 0.0); with the paste, 1.5 px and 0.45 (README, "Pixel decoder").
+  reconstruction 0.0); with the paste, 1.5 px and 0.45 (measured when the paste
+  was added; notebook 04 knocks each pathway out of the trained decoder).
   The null condition for classifier-free guidance zeroes the normalised features (BLIP3-o's
   null is a zero condition too); the position embedding stays.
 

@@ -12,8 +12,7 @@ mean/std recorded with the CLIP checkpoint), also whitened (`whiten`: rotated on
 principal directions and each scaled to unit variance), or used raw as BLIP3-o does (`none`); the
 generator maps back to the encoder's scale in `generate_features`. Whitening matters when what
 an image *is* lives in low-variance directions: the toy CLIP tokens put 96% of their variance in
-16 of 128 directions, while the decoder needs the next 8 to paint a square's corners (README,
-"Status of the toy run"); an unweighted MSE on standardised features spends almost nothing there.
+16 of 128 directions, while the decoder needs the next 8 to paint a square's corners (docs/status.md); an unweighted MSE on standardised features spends almost nothing there.
 
 Shape glossary: B batch, Nq query tokens, K backbone hidden size, N = 64 CLIP tokens,
 F CLIP feature width.
@@ -53,7 +52,7 @@ class GeneratorConfig:
     whiten_dims: int | None = None
     # With `whiten`: each principal coordinate is divided by variance ** whiten_power. 0.5: unit
     # variance, every direction weighs the same in the loss; 0: rotated only, the largest
-    # directions dominate as with `standardize`; 0.25 between (it scored lower: README).
+    # directions dominate as with `standardize`; 0.25 between (it scored lower: docs/status.md).
     whiten_power: float = 0.5
     dit: dict = field(default_factory=dict)  # DiTConfig overrides; in_dim/cond_dim filled in
     flow: dict = field(default_factory=dict)  # FlowMatching overrides (drop prob, steps, CFG)

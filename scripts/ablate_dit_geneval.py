@@ -1,7 +1,7 @@
 """GenEval-mini of fresh toy DiTs by training steps, with and without an exponential moving
 average (EMA) of the weights, with closed or open cross-attention gates: is the generation stage
 step-starved, would an EMA (as the decoder keeps) help, do the zero-initialised gates hold the
-prompt back? (README, "Status of the toy run").
+prompt back? (docs/status.md).
 
     python scripts/ablate_dit_geneval.py --run-dir ~/.cache/blip3o-mini/runs/toy --steps 1800 --decays 0.99 0.995
     python scripts/ablate_dit_geneval.py --run-dir ~/.cache/blip3o-mini/runs/toy --steps 5400 --score-at 1800 3600 --decays

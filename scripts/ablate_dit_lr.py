@@ -1,5 +1,5 @@
 """How fast does the toy NextDiT learn at each learning rate? An ablation behind the toy config's
-`generation.train.lr` (README, "Status of the toy run").
+`generation.train.lr` (docs/status.md).
 
     python scripts/ablate_dit_lr.py --run-dir ~/.cache/blip3o-mini/runs/toy
     python scripts/ablate_dit_lr.py --run-dir runs/toy --lrs 5e-4 4e-3 --steps 1000 --noise-repeats 1 2

@@ -1,6 +1,6 @@
 """Can the toy understanding LM learn "is the red circle left of the blue square?"
 
-The understanding stage answers relation questions at chance (README, "Status of the toy run")
+The understanding stage answers relation questions at chance (docs/status.md)
 while it learns the other four types. This script trains a fresh toy backbone on the relation
 turns alone (one per training image that has one), so nothing else competes for its steps, and
 can add two helps:

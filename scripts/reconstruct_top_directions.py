@@ -1,7 +1,7 @@
 """How many principal directions of a CLIP token does the pixel decoder need? Reconstruction
 GenEval-mini of validation images decoded from their real CLIP tokens kept on only their k
 largest principal directions (the rest at the mean): the ceiling of a generator that produces k
-whitened coordinates per token (`generation.whiten_dims`; README, "Status of the toy run").
+whitened coordinates per token (`generation.whiten_dims`; docs/status.md).
 
     python scripts/reconstruct_top_directions.py --run-dir ~/.cache/blip3o-mini/runs/toy --dims 8 12 16 24 32 128
 

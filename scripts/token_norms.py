@@ -2,7 +2,7 @@
 
 The mean squared norm per token, in the generator's whitened units, of real validation images
 (by number of objects) and of generated GenEval-mini prompts of a few tags, split by whether the
-detector finds an object in the decoded image (README, "Where single objects go missing").
+detector finds an object in the decoded image (docs/status.md, "Where single objects go missing").
 
     python scripts/token_norms.py --run-dir ~/.cache/blip3o-mini/runs/toy --seeds 2
 

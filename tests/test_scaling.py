@@ -125,6 +125,31 @@ def test_full_configs_follow_blip3o_recipe():
     assert trainer_config(load_config("small")).devices == 1
 
 
+def leaves(cfg: dict, prefix: str = "") -> dict:
+    """A nested config flattened to {"section.key": value}."""
+    out = {}
+    for k, v in cfg.items():
+        out |= leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def test_ci_config_is_the_toy_run_with_shorter_schedules():
+    """CI's notebooks read the `ci` run: it must differ from the toy run only in how long each stage
+    trains and how many images the decoder and evaluation stages score, never in data, models or code paths."""
+    from blip3o_mini.evaluation_stage import EvaluationConfig
+    from blip3o_mini.training.understanding import UnderstandingTrainConfig
+
+    # toy.yaml leaves these two to the dataclass defaults (700 steps; all 54 prompts of a tag)
+    toy = {"understanding.train.max_steps": UnderstandingTrainConfig().max_steps,
+           "evaluation.prompts_per_tag": EvaluationConfig().prompts_per_tag} | leaves(load_config("toy"))
+    ci = leaves(load_config("ci"))
+    assert set(ci) == set(toy)
+    changed = {k for k in toy if toy[k] != ci[k]}
+    assert changed <= {"run_dir", "decoder.eval.num_images", "evaluation.prompts_per_tag"} | {k for k in toy if k.endswith("max_steps")}
+    assert all(ci[k] < toy[k] for k in changed if k.endswith("max_steps"))
+    assert toy["evaluation.prompts_per_tag"] is None and ci["evaluation.prompts_per_tag"] < 54
+
+
 def test_trainer_flags_override_yaml():
     import argparse
 

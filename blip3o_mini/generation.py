@@ -12,7 +12,8 @@ mean/std recorded with the CLIP checkpoint), also whitened (`whiten`: rotated on
 principal directions and each scaled to unit variance), or used raw as BLIP3-o does (`none`); the
 generator maps back to the encoder's scale in `generate_features`. Whitening matters when what
 an image *is* lives in low-variance directions: the toy CLIP tokens put 96% of their variance in
-16 of 128 directions, while the decoder needs the next 8 to paint a square's corners (docs/status.md); an unweighted MSE on standardised features spends almost nothing there.
+16 of 128 directions, while the decoder needs the next 8 to paint a square's corners
+(docs/status.md); an unweighted MSE on standardised features spends almost nothing there.
 
 Shape glossary: B batch, Nq query tokens, K backbone hidden size, N = 64 CLIP tokens,
 F CLIP feature width.

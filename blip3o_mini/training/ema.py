@@ -1,7 +1,8 @@
 """An exponential moving average (EMA) of a model's weights, the weights diffusion models often
 sample with: the average of the last ~1 / (1 - decay) steps smooths out the noise of the final
 optimiser steps. The pixel decoder exports one; `scripts/ablate_dit_geneval.py` measures one for
-the DiT (docs/status.md: it does not help the toy DiT, so the generation stage exports its final weights).
+the DiT (docs/status.md: it does not help the toy DiT, so the generation stage exports its final
+weights).
 """
 
 from __future__ import annotations

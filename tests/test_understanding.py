@@ -101,6 +101,32 @@ def test_position_turns_follow_the_scene_graph(tok):
         conversation({k: v for k, v in row.items() if k != "objects"}, positions=True)
 
 
+def test_relation_turns_ask_every_named_pair_with_true_answers():
+    from blip3o_mini.data.dataset import scene_of
+    from blip3o_mini.data.text import INVERSE, relation_turns
+    from blip3o_mini.data.world import relation
+
+    objects = [{"shape": "circle", "color": "red", "bbox": [4, 40, 20, 56]},
+               {"shape": "triangle", "color": "green", "bbox": [24, 4, 38, 18]},
+               {"shape": "square", "color": "blue", "bbox": [40, 2, 54, 16]},
+               {"shape": "square", "color": "blue", "bbox": [40, 30, 54, 44]}]  # two blue squares: not named
+    scene = scene_of({"objects": objects})
+    red, green = scene.objects[:2]
+    (question, answer), = relation_turns(scene)  # one named pair: red circle and green triangle
+    pair = {"is the red circle": (red, green), "is the green triangle": (green, red)}
+    a, b = next(v for k, v in pair.items() if question.startswith(k))
+    asked = question.split(f"the {a.color} {a.shape} ")[1].split(f" the {b.color}")[0]
+    assert answer == ("yes" if asked == relation(a, b) else "no") and asked in (relation(a, b), INVERSE[relation(a, b)])
+    assert relation_turns(scene) == relation_turns(scene_of({"objects": objects}))  # same turns when rebuilt
+    answers = [ans for i in range(200) for _, ans in relation_turns(scene_of(make_sample(0, "train", i)))]
+    assert len(answers) > 200 and 0.4 < answers.count("yes") / len(answers) < 0.6  # both answers, balanced
+    row = ROWS[5]
+    plain, full = conversation(row, positions=True), conversation(row, positions=True, relations=True)
+    assert full[:len(plain)] == plain and full[len(plain):] == relation_turns(scene_of(row))
+    with pytest.raises(ValueError, match="relation_turns needs each row's scene graph"):
+        conversation({k: v for k, v in row.items() if k != "objects"}, relations=True)
+
+
 def test_overfits_one_batch(tok):
     torch.manual_seed(0)
     bb = ToyBackbone(BackboneConfig(vision_dim=16, hidden_size=64, num_layers=2, intermediate_size=128,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 import re
+import zlib
 
 import numpy as np
 
@@ -149,4 +150,27 @@ def position_turns(scene: Scene) -> list[tuple[str, str]]:
             x, y = o.center
             turns.append((f"where is {_the(o)}?", "left" if x < IMAGE_SIZE / 2 else "right"))
             turns.append((f"how high is {_the(o)}?", "above" if y < IMAGE_SIZE / 2 else "below"))
+    return turns
+
+
+def relation_turns(scene: Scene) -> list[tuple[str, str]]:
+    """Every relation the scene states, asked once per pair of uniquely named objects:
+    "is the red circle left of the blue square?" -> yes, or its inverse -> no.
+
+    Training turns only: the VQA set asks one relation per image (`questions`), about 8% of its
+    questions, too few for the small LM to learn the two-hop comparison in the mix. The pair's
+    order and the yes / no side are drawn from a hash of the scene, so a row packs the same turns
+    every time it is built."""
+    names = Counter((o.color, o.shape) for o in scene.objects)
+    unique = [o for o in scene.objects if names[o.color, o.shape] == 1]
+    rng = np.random.default_rng(zlib.crc32(repr(scene.objects).encode()))
+    turns = []
+    for i, a in enumerate(unique):
+        for b in unique[i + 1:]:
+            x, y = (b, a) if rng.random() < 0.5 else (a, b)
+            rel = relation(x, y)
+            if rel is None:
+                continue
+            asked, answer = (rel, "yes") if rng.random() < 0.5 else (INVERSE[rel], "no")
+            turns.append((f"is {_the(x)} {asked} {_the(y)}?", answer))
     return turns

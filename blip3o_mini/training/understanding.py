@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..backbone import ToyBackbone
 from ..data.dataset import scene_of
-from ..data.text import position_turns
+from ..data.text import position_turns, relation_turns
 from ..tokenizer import CAPTION_PROMPT
 from .clip import TrainResult  # the same result record as the CLIP and generation recipes
 from .distributed import TrainerConfig, make_trainer
@@ -53,6 +53,7 @@ class UnderstandingTrainConfig:
     print_every: int = 100  # a progress line (step, loss, seconds); 0: silent
     checkpoint_every: int = 50
     position_turns: bool = False  # also train "where is the red circle?" turns (data.text.position_turns)
+    relation_turns: bool = False  # also train every pair's relation question (data.text.relation_turns)
 
 
 @contextlib.contextmanager
@@ -69,14 +70,19 @@ def torch_threads(num_threads: int | None):
         torch.set_num_threads(before)
 
 
-def conversation(row: dict, caption_prompt: str = CAPTION_PROMPT, positions: bool = False) -> list[tuple[str, str]]:
+def conversation(row: dict, caption_prompt: str = CAPTION_PROMPT, positions: bool = False,
+                 relations: bool = False) -> list[tuple[str, str]]:
     """An image's training turns: captioning as a question, then its question-answer pairs,
-    then with `positions` where each object is (`position_turns`; the row needs `objects`)."""
+    then with `positions` where each object is (`position_turns`), then with `relations` every
+    pair's relation (`relation_turns`); both need the row's scene graph (`objects`)."""
     turns = [(caption_prompt, row["captions"][0]), *zip(row["questions"], row["answers"])]
-    if positions and "objects" not in row:
-        raise ValueError("position_turns needs each row's scene graph (`objects`); ShapesWorld rows carry "
-                         "it, WebDataset shards do not: set understanding.train.position_turns: false")
-    return turns + position_turns(scene_of(row)) if positions else turns
+    for flag, name in ((positions, "position_turns"), (relations, "relation_turns")):
+        if flag and "objects" not in row:
+            raise ValueError(f"{name} needs each row's scene graph (`objects`); ShapesWorld rows carry "
+                             f"it, WebDataset shards do not: set understanding.train.{name}: false")
+    scene = scene_of(row) if positions or relations else None
+    return (turns + (position_turns(scene) if positions else [])
+            + (relation_turns(scene) if relations else []))
 
 
 class PackedConversations(Dataset):
@@ -166,12 +172,12 @@ def train_understanding(backbone: ToyBackbone, features: torch.Tensor, rows: lis
     aligned dataset rows; resume from `ckpt_dir/last.ckpt` when an earlier run was interrupted.
     `trainer` (the config's `trainer:` section) sets accelerator, devices, nodes, strategy and
     precision; on several devices Lightning's `DistributedSampler` splits the shuffled rows.
-    `turns`: a row's training turns (default: `conversation`, with position turns when
-    `cfg.position_turns`)."""
+    `turns`: a row's training turns (default: `conversation`, with position and relation turns
+    when `cfg.position_turns` and `cfg.relation_turns`)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     L.seed_everything(cfg.seed, verbose=False)
-    turns = turns or functools.partial(conversation, positions=cfg.position_turns)
+    turns = turns or functools.partial(conversation, positions=cfg.position_turns, relations=cfg.relation_turns)
     data = PackedConversations(features, rows, Packer(backbone.tokenizer, backbone.num_placeholders), turns)
     pad_id = backbone.tokenizer.pad_token_id
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,

@@ -112,11 +112,11 @@ def test_relation_turns_ask_every_named_pair_with_true_answers():
                {"shape": "square", "color": "blue", "bbox": [40, 30, 54, 44]}]  # two blue squares: not named
     scene = scene_of({"objects": objects})
     red, green = scene.objects[:2]
-    (question, answer), = relation_turns(scene)  # one named pair: red circle and green triangle
-    pair = {"is the red circle": (red, green), "is the green triangle": (green, red)}
-    a, b = next(v for k, v in pair.items() if question.startswith(k))
-    asked = question.split(f"the {a.color} {a.shape} ")[1].split(f" the {b.color}")[0]
-    assert answer == ("yes" if asked == relation(a, b) else "no") and asked in (relation(a, b), INVERSE[relation(a, b)])
+    true_turns = {(f"is the {a.color} {a.shape} {asked} the {b.color} {b.shape}?", answer)
+                  for a, b in ((red, green), (green, red))
+                  for asked, answer in ((relation(a, b), "yes"), (INVERSE[relation(a, b)], "no"))}
+    (turn,) = relation_turns(scene)  # one named pair: red circle and green triangle
+    assert turn in true_turns
     assert relation_turns(scene) == relation_turns(scene_of({"objects": objects}))  # same turns when rebuilt
     answers = [ans for i in range(200) for _, ans in relation_turns(scene_of(make_sample(0, "train", i)))]
     assert len(answers) > 200 and 0.4 < answers.count("yes") / len(answers) < 0.6  # both answers, balanced

@@ -92,6 +92,19 @@ def _the(o: Obj) -> str:
     return f"the {o.color} {o.shape}"
 
 
+def _named(scene: Scene) -> list[Obj]:
+    """The objects a question can name: no other object shares their colour and shape."""
+    counts = scene_counter(scene)
+    return [o for o in scene.objects if counts[o.color, o.shape] == 1]
+
+
+def _ask_relation(a: Obj, b: Obj, rng: np.random.Generator) -> tuple[str, str]:
+    """"is A <relation> B?" -> yes, or with the inverse relation -> no, by a fair coin."""
+    rel = relation(a, b)
+    asked, answer = (rel, "yes") if rng.random() < 0.5 else (INVERSE[rel], "no")
+    return f"is {_the(a)} {asked} {_the(b)}?", answer
+
+
 def questions(scene: Scene, rng: np.random.Generator, allow_unseen: bool = False) -> list[dict]:
     """Question-answer pairs of five types with one-word answers, exact from the scene graph.
 
@@ -124,15 +137,11 @@ def questions(scene: Scene, rng: np.random.Generator, allow_unseen: bool = False
     c, s = no[int(rng.integers(len(no)))]
     add(f"is there {with_article(c)} {s}?", "no", "existence")
 
-    unique = [o for o in objs if (o.color, o.shape) in present and sum(
-        (p.color, p.shape) == (o.color, o.shape) for p in objs) == 1]
+    unique = _named(scene)
     pairs = [(a, b) for a in unique for b in unique if a is not b and relation(a, b)]
     if pairs:
         a, b = pairs[int(rng.integers(len(pairs)))]
-        rel = relation(a, b)
-        wrong = INVERSE[rel]
-        asked, answer = (rel, "yes") if rng.random() < 0.5 else (wrong, "no")
-        add(f"is {_the(a)} {asked} {_the(b)}?", answer, "relation")
+        add(*_ask_relation(a, b, rng), "relation")
     return qa
 
 
@@ -143,13 +152,11 @@ def position_turns(scene: Scene) -> list[tuple[str, str]]:
     Training turns only (not a VQA question type): one attention hop from a name to a place,
     the step a relation question ("is A left of B?") needs twice. LLaVA-1.5 mixes grounding data
     (RefCOCO, Visual Genome boxes as text) into its instruction data for the same reason."""
-    names = Counter((o.color, o.shape) for o in scene.objects)
     turns = []
-    for o in scene.objects:
-        if names[o.color, o.shape] == 1:
-            x, y = o.center
-            turns.append((f"where is {_the(o)}?", "left" if x < IMAGE_SIZE / 2 else "right"))
-            turns.append((f"how high is {_the(o)}?", "above" if y < IMAGE_SIZE / 2 else "below"))
+    for o in _named(scene):
+        x, y = o.center
+        turns.append((f"where is {_the(o)}?", "left" if x < IMAGE_SIZE / 2 else "right"))
+        turns.append((f"how high is {_the(o)}?", "above" if y < IMAGE_SIZE / 2 else "below"))
     return turns
 
 
@@ -161,16 +168,12 @@ def relation_turns(scene: Scene) -> list[tuple[str, str]]:
     questions, too few for the small LM to learn the two-hop comparison in the mix. The pair's
     order and the yes / no side are drawn from a hash of the scene, so a row packs the same turns
     every time it is built."""
-    names = Counter((o.color, o.shape) for o in scene.objects)
-    unique = [o for o in scene.objects if names[o.color, o.shape] == 1]
+    unique = _named(scene)
     rng = np.random.default_rng(zlib.crc32(repr(scene.objects).encode()))
     turns = []
     for i, a in enumerate(unique):
         for b in unique[i + 1:]:
             x, y = (b, a) if rng.random() < 0.5 else (a, b)
-            rel = relation(x, y)
-            if rel is None:
-                continue
-            asked, answer = (rel, "yes") if rng.random() < 0.5 else (INVERSE[rel], "no")
-            turns.append((f"is {_the(x)} {asked} {_the(y)}?", answer))
+            if relation(x, y) is not None:
+                turns.append(_ask_relation(x, y, rng))
     return turns

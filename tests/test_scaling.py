@@ -150,20 +150,22 @@ def test_ci_config_is_the_toy_run_with_shorter_schedules():
     assert toy["evaluation.prompts_per_tag"] is None and ci["evaluation.prompts_per_tag"] < 54
 
 
-def test_relation_configs_change_only_the_understanding_stage():
-    """The relation experiments (docs/status.md) must be the toy run with understanding options
+def test_understanding_configs_change_only_the_understanding_stage():
+    """The relation and counting experiments (docs/status.md) must be the toy run with understanding options
     changed, so their VQA figures compare with the toy's."""
     from blip3o_mini.config import build
     from blip3o_mini.training.understanding import UnderstandingTrainConfig
 
     toy = leaves(load_config("toy"))
-    for name in ("toy-relation", "toy-relation-turns"):
+    for name in ("toy-relation", "toy-relation-turns", "toy-vqa"):
         cfg = load_config(name)
         changed = {k for k, v in leaves(cfg).items() if toy.get(k, "unset") != v}
         assert changed - {"run_dir"} and all(k.startswith("understanding.") for k in changed - {"run_dir"}), name
         build(UnderstandingTrainConfig, cfg["understanding"]["train"])  # every option is a real one
     turns = load_config("toy-relation-turns")["understanding"]
     assert turns["train"]["relation_turns"] and turns["backbone"]["grid_positions"] and turns["train"]["max_steps"] == 700
+    vqa = load_config("toy-vqa")["understanding"]
+    assert vqa["train"] == {**turns["train"], "count_turns": True} and vqa["backbone"] == turns["backbone"]
 
 
 def test_trainer_flags_override_yaml():

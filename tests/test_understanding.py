@@ -127,6 +127,28 @@ def test_relation_turns_ask_every_named_pair_with_true_answers():
         conversation({k: v for k, v in row.items() if k != "objects"}, relations=True)
 
 
+def test_count_turns_count_every_shape_not_yet_asked():
+    from blip3o_mini.data.dataset import scene_of
+    from blip3o_mini.data.text import count_turns
+
+    objects = [{"shape": "circle", "color": "red", "bbox": [4, 40, 20, 56]},
+               {"shape": "circle", "color": "blue", "bbox": [24, 4, 38, 18]},
+               {"shape": "square", "color": "blue", "bbox": [40, 2, 54, 16]}]
+    scene = scene_of({"objects": objects})
+    assert count_turns(scene) == [("how many circles are there?", "two"), ("how many squares are there?", "one"),
+                                  ("how many triangles are there?", "zero")]
+    assert count_turns(scene, asked=("how many squares are there?",)) == [
+        ("how many circles are there?", "two"), ("how many triangles are there?", "zero")]
+    row = ROWS[5]
+    plain, full = conversation(row, positions=True), conversation(row, positions=True, counts=True)
+    added = full[len(plain):]
+    assert full[:len(plain)] == plain and added == count_turns(scene_of(row), tuple(row["questions"]))
+    asked = [q for q in row["questions"] if q.startswith("how many") and q != "how many objects are there?"]
+    assert len(added) == 3 - len(asked) and not {q for q, _ in added} & set(row["questions"])
+    with pytest.raises(ValueError, match="count_turns needs each row's scene graph"):
+        conversation({k: v for k, v in row.items() if k != "objects"}, counts=True)
+
+
 def test_overfits_one_batch(tok):
     torch.manual_seed(0)
     bb = ToyBackbone(BackboneConfig(vision_dim=16, hidden_size=64, num_layers=2, intermediate_size=128,

@@ -177,3 +177,15 @@ def relation_turns(scene: Scene) -> list[tuple[str, str]]:
             if relation(x, y) is not None:
                 turns.append(_ask_relation(x, y, rng))
     return turns
+
+
+def count_turns(scene: Scene, asked: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """How many of each shape the scene holds, zero included: "how many circles are there?" ->
+    "two", for every shape whose question is not already in `asked`.
+
+    Training turns only: the VQA set asks one shape's count per image (`questions`), and the toy
+    LM undercounts (most of its count mistakes are one short). A question already asked in the
+    row is left out, so the later copy cannot be answered by reading the earlier answer."""
+    counts = Counter(o.shape for o in scene.objects)
+    turns = [(f"how many {plural(s)} are there?", NUMBERS[counts[s]]) for s in SHAPES]
+    return [t for t in turns if t[0] not in asked]

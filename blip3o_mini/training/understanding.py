@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..backbone import ToyBackbone
 from ..data.dataset import scene_of
-from ..data.text import position_turns, relation_turns
+from ..data.text import count_turns, position_turns, relation_turns
 from ..tokenizer import CAPTION_PROMPT
 from .clip import TrainResult  # the same result record as the CLIP and generation recipes
 from .distributed import TrainerConfig, make_trainer
@@ -54,6 +54,7 @@ class UnderstandingTrainConfig:
     checkpoint_every: int = 50
     position_turns: bool = False  # also train "where is the red circle?" turns (data.text.position_turns)
     relation_turns: bool = False  # also train every pair's relation question (data.text.relation_turns)
+    count_turns: bool = False  # also train every shape's count question (data.text.count_turns)
 
 
 @contextlib.contextmanager
@@ -71,18 +72,21 @@ def torch_threads(num_threads: int | None):
 
 
 def conversation(row: dict, caption_prompt: str = CAPTION_PROMPT, positions: bool = False,
-                 relations: bool = False) -> list[tuple[str, str]]:
+                 relations: bool = False, counts: bool = False) -> list[tuple[str, str]]:
     """An image's training turns: captioning as a question, then its question-answer pairs,
-    then with `positions` where each object is (`position_turns`), then with `relations` every
-    pair's relation (`relation_turns`); both need the row's scene graph (`objects`)."""
+    then with `positions` where each object is (`position_turns`), with `relations` every
+    pair's relation (`relation_turns`), with `counts` every shape's count not yet asked
+    (`count_turns`); these need the row's scene graph (`objects`)."""
     turns = [(caption_prompt, row["captions"][0]), *zip(row["questions"], row["answers"])]
-    for flag, name in ((positions, "position_turns"), (relations, "relation_turns")):
+    flags = ((positions, "position_turns"), (relations, "relation_turns"), (counts, "count_turns"))
+    for flag, name in flags:
         if flag and "objects" not in row:
             raise ValueError(f"{name} needs each row's scene graph (`objects`); ShapesWorld rows carry "
                              f"it, WebDataset shards do not: set understanding.train.{name}: false")
-    scene = scene_of(row) if positions or relations else None
+    scene = scene_of(row) if positions or relations or counts else None
     return (turns + (position_turns(scene) if positions else [])
-            + (relation_turns(scene) if relations else []))
+            + (relation_turns(scene) if relations else [])
+            + (count_turns(scene, tuple(row["questions"])) if counts else []))
 
 
 class PackedConversations(Dataset):
@@ -172,12 +176,13 @@ def train_understanding(backbone: ToyBackbone, features: torch.Tensor, rows: lis
     aligned dataset rows; resume from `ckpt_dir/last.ckpt` when an earlier run was interrupted.
     `trainer` (the config's `trainer:` section) sets accelerator, devices, nodes, strategy and
     precision; on several devices Lightning's `DistributedSampler` splits the shuffled rows.
-    `turns`: a row's training turns (default: `conversation`, with position and relation turns
-    when `cfg.position_turns` and `cfg.relation_turns`)."""
+    `turns`: a row's training turns (default: `conversation`, with position, relation and count
+    turns when `cfg.position_turns`, `cfg.relation_turns` and `cfg.count_turns`)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     L.seed_everything(cfg.seed, verbose=False)
-    turns = turns or functools.partial(conversation, positions=cfg.position_turns, relations=cfg.relation_turns)
+    turns = turns or functools.partial(conversation, positions=cfg.position_turns, relations=cfg.relation_turns,
+                                       counts=cfg.count_turns)
     data = PackedConversations(features, rows, Packer(backbone.tokenizer, backbone.num_placeholders), turns)
     pad_id = backbone.tokenizer.pad_token_id
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,

@@ -5,6 +5,8 @@ Writes RUN_DIR/understanding/:
   backbone/           ToyBackbone.save: model.safetensors, backbone_config.json,
                       lm_config.json (transformers), tokenizer/ (PreTrainedTokenizerFast)
   loss_history.json   (step, loss) pairs, for the notebook's loss curve
+  type_loss_history.json  {question type: (step, held-out answer loss) pairs}, with
+                      `understanding.train.type_loss_every`
   metrics.json        vqa_accuracy (seen), vqa_accuracy_unseen, vqa_accuracy_<type>,
                       vqa_accuracy_<n>_objects, caption_accuracy, timings
   config.json         the config section this stage ran with
@@ -86,8 +88,12 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
         backbone = ToyBackbone(bcfg, tokenizer)
         ckpt_dir = out / f"lightning-{key}"  # resume state of this config only
         remove_stale_checkpoints(out, ckpt_dir)
+        held_out = None
+        if train_cfg.type_loss_every:  # val questions per type, to watch each type being learned
+            val_rows = ds["val"].select_columns(TRAIN_COLUMNS + ["question_types"]).to_list()
+            held_out = (load_split_features(clip.path, "val"), val_rows)
         result = train_understanding(backbone, features, train_rows, train_cfg, ckpt_dir,
-                                     trainer=stage_trainer_config(cfg, train_cfg.precision))
+                                     trainer=stage_trainer_config(cfg, train_cfg.precision), held_out=held_out)
         backbone.encoder = load_encoder(clip.path).requires_grad_(False).eval()
         num_params = sum(p.numel() for n, p in backbone.named_parameters() if not n.startswith("encoder."))
         metrics |= result.metrics() | {
@@ -98,6 +104,8 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
     def write() -> None:  # global rank 0 only (run.finish_on_rank_zero)
         if result is not None:
             atomic_write_json(out / "loss_history.json", result.loss_history)
+            if "type_loss" in result.curves:
+                atomic_write_json(out / "type_loss_history.json", result.curves["type_loss"])
             backbone.save(out / BACKBONE_DIR)
         with torch_threads(train_cfg.num_threads):
             res = vqa_accuracy(backbone, ds["val"], batch_size=eval_cfg.batch_size,

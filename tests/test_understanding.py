@@ -149,6 +149,35 @@ def test_count_turns_count_every_shape_not_yet_asked():
         conversation({k: v for k, v in row.items() if k != "objects"}, counts=True)
 
 
+def test_type_loss_watches_each_question_type_on_held_out_rows(tok, tmp_path):
+    from blip3o_mini.data.text import QUESTION_TYPES
+    from blip3o_mini.training.understanding import type_batches
+
+    feats, rows = torch.randn(40, 64, 16), ROWS
+    batches = type_batches(feats, rows, Packer(tok, 64), max_rows=6)
+    assert set(batches) == set(QUESTION_TYPES)
+    relation_rows = [r for r in rows if "relation" in r["question_types"]][:6]
+    labels = batches["relation"]["labels"]  # every labelled token is a relation answer or its end of turn
+    answers = tok.decode(labels[labels != IGNORE]).replace("<|end|>", " ").split()
+    assert len(labels) == len(relation_rows) and answers == [
+        a for r in relation_rows for a, t in zip(r["answers"], r["question_types"]) if t == "relation"]
+
+    cfg = UnderstandingTrainConfig(batch_size=4, max_steps=4, warmup_steps=1, checkpoint_every=2, type_loss_every=2)
+    trainer = TrainerConfig(accelerator="cpu", precision="32-true")
+    bb = tiny_backbone(tok)
+    result = train_understanding(bb, feats[:8], rows[:8], cfg, tmp_path, trainer=trainer, held_out=(feats, rows))
+    curves = result.curves["type_loss"]
+    assert set(curves) == set(QUESTION_TYPES) and all([s for s, _ in c] == [0, 2, 3] for c in curves.values())
+    module = UnderstandingModule(bb, cfg, type_batches(feats, rows, Packer(tok, 64)))
+    assert module.type_losses()["relation"] == pytest.approx(curves["relation"][-1][1], rel=0.2)  # trained model
+    cfg.max_steps = 6  # resumed: the history continues from the checkpoint's
+    again = train_understanding(tiny_backbone(tok), feats[:8], rows[:8], cfg, tmp_path, trainer=trainer,
+                                held_out=(feats, rows))
+    assert [s for s, _ in again.curves["type_loss"]["count"]] == [0, 2, 3, 4, 5]  # 3: the first run's last step
+    assert train_understanding(tiny_backbone(tok), feats[:8], rows[:8], cfg, tmp_path / "off", trainer=trainer
+                               ).curves == {}
+
+
 def test_overfits_one_batch(tok):
     torch.manual_seed(0)
     bb = ToyBackbone(BackboneConfig(vision_dim=16, hidden_size=64, num_layers=2, intermediate_size=128,
@@ -223,7 +252,8 @@ def tiny_run_config():
             "clip": {"train": {"batch_size": 16, "max_steps": 2, "precision": "32-true"}},
             "understanding": {"backbone": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
                                            "intermediate_size": 64},
-                              "train": {"batch_size": 8, "max_steps": 3, "warmup_steps": 1, "precision": "32-true"},
+                              "train": {"batch_size": 8, "max_steps": 3, "warmup_steps": 1, "precision": "32-true",
+                                        "type_loss_every": 2},
                               "eval": {"batch_size": 64, "max_scenes": 12}}}
 
 
@@ -241,6 +271,8 @@ def test_stage_end_to_end_and_answer(tmp_path, capsys):
         assert key in metrics
     assert metrics["train_steps"] == 3 and len(json.loads((und.path / "loss_history.json").read_text())) >= 1
     assert not list(und.path.glob("lightning-*"))  # resume state removed once complete
+    type_loss = json.loads((und.path / "type_loss_history.json").read_text())  # val questions, steps 0 and 2
+    assert [step for step, _ in type_loss["relation"]] == [0, 2] and len(type_loss) == 5
     assert ensure_stage("understanding", tiny_run_config(), tmp_path)["understanding"].skipped
     backbone = load_understanding(tmp_path)
     assert evaluate_stage_vqa(backbone, tmp_path) == pytest.approx(metrics["vqa_accuracy"])

@@ -142,6 +142,7 @@ class TrainResult:
     seconds: float  # wall-clock of this call (a resumed run counts only its own part)
     resumed_from: int | None = None  # step of the checkpoint it resumed from
     extra: dict = field(default_factory=dict)
+    curves: dict = field(default_factory=dict)  # more named (step, value) curves, e.g. held-out loss per type
     trainer: object = None  # the lightning.Trainer that ran: its rank and barrier (run.finish_on_rank_zero)
 
     def metrics(self) -> dict:

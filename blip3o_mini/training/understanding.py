@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..backbone import ToyBackbone
 from ..data.dataset import scene_of
-from ..data.text import count_turns, position_turns, relation_turns
+from ..data.text import QUESTION_TYPES, count_turns, position_turns, relation_turns
 from ..tokenizer import CAPTION_PROMPT
 from .clip import TrainResult  # the same result record as the CLIP and generation recipes
 from .distributed import TrainerConfig, make_trainer
@@ -55,6 +55,7 @@ class UnderstandingTrainConfig:
     position_turns: bool = False  # also train "where is the red circle?" turns (data.text.position_turns)
     relation_turns: bool = False  # also train every pair's relation question (data.text.relation_turns)
     count_turns: bool = False  # also train every shape's count question (data.text.count_turns)
+    type_loss_every: int = 0  # every N steps the answer loss on held-out questions of each type (0: off)
 
 
 @contextlib.contextmanager
@@ -126,14 +127,41 @@ def answer_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Mo
     return F.cross_entropy(logits.float(), targets[keep])
 
 
-class UnderstandingModule(L.LightningModule):
-    """The LLaVA recipe around a `ToyBackbone` (projector + LM trained, CLIP frozen upstream)."""
+def type_batches(features: torch.Tensor, rows: list[dict], packer: Packer,
+                 max_rows: int = 64) -> dict[str, dict[str, torch.Tensor]]:
+    """One held-out batch per question type: up to `max_rows` rows that ask it, each packed
+    with that type's questions only, so `UnderstandingModule.loss` on it is the type's answer
+    loss. A yes / no type at chance sits at ln 2 = 0.69: relation is learned as a sudden drop
+    from there in some runs and never in others (docs/status.md), which the total loss, where
+    it is a few answer tokens in a hundred, does not show."""
+    out = {}
+    for qtype in QUESTION_TYPES:
+        idx = [i for i, r in enumerate(rows) if qtype in r["question_types"]][:max_rows]
+        convs = [[(q, a) for q, a, t in zip(rows[i]["questions"], rows[i]["answers"], rows[i]["question_types"])
+                  if t == qtype] for i in idx]
+        if idx:
+            out[qtype] = collate(list(zip(features[idx], packer.pack_many(convs))), packer.tokenizer.pad_token_id)
+    return out
 
-    def __init__(self, backbone: ToyBackbone, cfg: UnderstandingTrainConfig):
+
+class UnderstandingModule(L.LightningModule):
+    """The LLaVA recipe around a `ToyBackbone` (projector + LM trained, CLIP frozen upstream).
+    With `watch` (`type_batches`) it records each type's held-out answer loss every
+    `cfg.type_loss_every` steps."""
+
+    def __init__(self, backbone: ToyBackbone, cfg: UnderstandingTrainConfig,
+                 watch: dict[str, dict[str, torch.Tensor]] | None = None):
         super().__init__()
-        self.backbone, self.cfg = backbone, cfg
+        self.backbone, self.cfg, self.watch = backbone, cfg, watch or {}
         self.loss_history: list[tuple[int, float]] = []  # (step, loss), kept in the checkpoint
+        self.type_loss_history: dict[str, list[tuple[int, float]]] = {t: [] for t in self.watch}
         self.started = time.perf_counter()
+
+    @torch.no_grad()
+    def type_losses(self) -> dict[str, float]:
+        """Held-out answer loss per question type, under the training step's precision."""
+        return {t: float(self.loss({k: v.to(self.device) for k, v in batch.items()}))
+                for t, batch in self.watch.items()}
 
     def loss(self, batch: dict) -> torch.Tensor:
         mask = packed_attention_mask(batch["segments"])  # (B, 1, T, T)
@@ -146,9 +174,15 @@ class UnderstandingModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         if self.global_step % self.cfg.log_every == 0 or self.global_step == self.cfg.max_steps - 1:
             self.loss_history.append((int(self.global_step), float(loss.detach())))
-        if self.cfg.print_every and (self.global_step + 1) % self.cfg.print_every == 0:
-            print(f"step {self.global_step + 1}/{self.cfg.max_steps}  loss {float(loss):.4f}  "
-                  f"{time.perf_counter() - self.started:.0f} s", flush=True)
+        step, last = int(self.global_step), self.global_step == self.cfg.max_steps - 1
+        if self.watch and self.cfg.type_loss_every and (step % self.cfg.type_loss_every == 0 or last):
+            for t, value in self.type_losses().items():
+                self.type_loss_history[t].append((step, value))
+        if self.cfg.print_every and (step + 1) % self.cfg.print_every == 0:
+            held_out = "  ".join(f"{t} {h[-1][1]:.3f}" for t, h in self.type_loss_history.items() if h)
+            print(f"step {step + 1}/{self.cfg.max_steps}  loss {float(loss):.4f}  "
+                  f"{time.perf_counter() - self.started:.0f} s" + (f"  held-out: {held_out}" if held_out else ""),
+                  flush=True)
         return loss
 
     def configure_optimizers(self):
@@ -163,31 +197,39 @@ class UnderstandingModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["loss_history"] = self.loss_history
+        checkpoint["type_loss_history"] = self.type_loss_history
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.loss_history = [tuple(x) for x in checkpoint.get("loss_history", [])]
+        saved = checkpoint.get("type_loss_history", {})
+        self.type_loss_history = {t: [tuple(x) for x in saved.get(t, [])] for t in self.watch}
 
 
 def train_understanding(backbone: ToyBackbone, features: torch.Tensor, rows: list[dict],
                         cfg: UnderstandingTrainConfig, ckpt_dir: str | Path,
                         trainer: TrainerConfig | None = None,
-                        turns: Callable[[dict], list[tuple[str, str]]] | None = None) -> TrainResult:
+                        turns: Callable[[dict], list[tuple[str, str]]] | None = None,
+                        held_out: tuple[torch.Tensor, list[dict]] | None = None) -> TrainResult:
     """Train `backbone` (projector + LM) in place on cached CLIP features (N, 64, D) and the
     aligned dataset rows; resume from `ckpt_dir/last.ckpt` when an earlier run was interrupted.
     `trainer` (the config's `trainer:` section) sets accelerator, devices, nodes, strategy and
     precision; on several devices Lightning's `DistributedSampler` splits the shuffled rows.
     `turns`: a row's training turns (default: `conversation`, with position, relation and count
-    turns when `cfg.position_turns`, `cfg.relation_turns` and `cfg.count_turns`)."""
+    turns when `cfg.position_turns`, `cfg.relation_turns` and `cfg.count_turns`).
+    `held_out`: (features, rows with `question_types`) whose answer loss per type is recorded every
+    `cfg.type_loss_every` steps (`type_batches`; the result's `curves["type_loss"]`)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     L.seed_everything(cfg.seed, verbose=False)
     turns = turns or functools.partial(conversation, positions=cfg.position_turns, relations=cfg.relation_turns,
                                        counts=cfg.count_turns)
-    data = PackedConversations(features, rows, Packer(backbone.tokenizer, backbone.num_placeholders), turns)
+    packer = Packer(backbone.tokenizer, backbone.num_placeholders)
+    data = PackedConversations(features, rows, packer, turns)
     pad_id = backbone.tokenizer.pad_token_id
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                         collate_fn=lambda b: collate(b, pad_id))
-    module = UnderstandingModule(backbone, cfg)
+    watch = type_batches(*held_out, packer) if held_out is not None and cfg.type_loss_every else None
+    module = UnderstandingModule(backbone, cfg, watch)
     last = Path(ckpt_dir) / "last.ckpt"
     resumed = None
     if last.exists():  # our own Lightning checkpoint, written by this function
@@ -206,6 +248,7 @@ def train_understanding(backbone: ToyBackbone, features: torch.Tensor, rows: lis
     seconds = time.perf_counter() - start
     steps = int(fit.global_step)
     tokens_per_row = data.num_tokens() / max(1, len(data))
-    return TrainResult(module.loss_history, steps, seconds, resumed, trainer=fit,
+    curves = {"type_loss": module.type_loss_history} if watch else {}
+    return TrainResult(module.loss_history, steps, seconds, resumed, trainer=fit, curves=curves,
                        extra={"rows_per_epoch": len(data), "tokens_per_row": round(tokens_per_row, 1),
                               "epochs": round(steps * cfg.batch_size / max(1, len(data)), 2)})

@@ -89,9 +89,10 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
         ckpt_dir = out / f"lightning-{key}"  # resume state of this config only
         remove_stale_checkpoints(out, ckpt_dir)
         held_out = None
-        if train_cfg.type_loss_every:  # val questions per type, to watch each type being learned
-            val_rows = ds["val"].select_columns(TRAIN_COLUMNS + ["question_types"]).to_list()
-            held_out = (load_split_features(clip.path, "val"), val_rows)
+        if train_cfg.type_loss_every:  # val questions of seen compositions per type, to watch each being learned
+            val_rows = ds["val"].select_columns(TRAIN_COLUMNS + ["question_types", "unseen"]).to_list()
+            seen = [i for i, r in enumerate(val_rows) if not r["unseen"]]
+            held_out = (load_split_features(clip.path, "val")[seen], [val_rows[i] for i in seen])
         result = train_understanding(backbone, features, train_rows, train_cfg, ckpt_dir,
                                      trainer=stage_trainer_config(cfg, train_cfg.precision), held_out=held_out)
         backbone.encoder = load_encoder(clip.path).requires_grad_(False).eval()

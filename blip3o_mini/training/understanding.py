@@ -131,9 +131,10 @@ def type_batches(features: torch.Tensor, rows: list[dict], packer: Packer,
                  max_rows: int = 64) -> dict[str, dict[str, torch.Tensor]]:
     """One held-out batch per question type: up to `max_rows` rows that ask it, each packed
     with that type's questions only, so `UnderstandingModule.loss` on it is the type's answer
-    loss. A yes / no type at chance sits at ln 2 = 0.69: relation is learned as a sudden drop
-    from there in some runs and never in others (docs/status.md), which the total loss, where
-    it is a few answer tokens in a hundred, does not show."""
+    loss. A yes / no type at chance sits at ln 2 / 2 = 0.35 (its answer tokens are the word and
+    the trivial end of turn): relation is learned as a sudden drop from there in some runs and
+    never in others (docs/status.md), which the total loss, where it is a few answer tokens in a
+    hundred, does not show."""
     out = {}
     for qtype in QUESTION_TYPES:
         idx = [i for i, r in enumerate(rows) if qtype in r["question_types"]][:max_rows]

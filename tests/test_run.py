@@ -165,6 +165,30 @@ def test_relation_ablation_script(tiny_run, monkeypatch, capsys):
     assert "relation accuracy:" in printed and "position turns:" in printed
 
 
+def test_type_loss_curves_script(tmp_path, monkeypatch, capsys):
+    """scripts/type_loss_curves.py reads each run's type_loss_history.json and finds where the
+    relation loss first falls below half of chance."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    for name, curve in (("learns", [[0, 0.4], [25, 0.35], [50, 0.05]]), ("flat", [[0, 0.4], [25, 0.35], [50, 0.34]])):
+        (tmp_path / name / "understanding").mkdir(parents=True)
+        (tmp_path / name / "understanding" / "type_loss_history.json").write_text(
+            json.dumps({"relation": curve, "color": [[0, 1.0], [50, 0.01]]}))
+    script = Path(__file__).parents[1] / "scripts" / "type_loss_curves.py"
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "learns"), str(tmp_path / "flat"),
+                                      "--png", str(tmp_path / "curves.png")])
+    runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "learns: below half of chance from step 50" in printed
+    assert "flat: below half of chance from step never" in printed
+    assert "  25       0.350       0.350" in printed and (tmp_path / "curves.png").stat().st_size > 0
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path)])
+    with pytest.raises(SystemExit, match="type_loss_history.json not found"):
+        runpy.run_path(str(script), run_name="__main__")
+
+
 def test_sdedit_script_scores_tokens_finished_from_each_start(tiny_run, monkeypatch, capsys):
     """scripts/sdedit_geneval.py (the README's scores by noise level)."""
     import runpy

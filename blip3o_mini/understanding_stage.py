@@ -90,7 +90,11 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
         remove_stale_checkpoints(out, ckpt_dir)
         held_out = None
         if train_cfg.type_loss_every:  # val questions of seen compositions per type, to watch each being learned
-            val_rows = ds["val"].select_columns(TRAIN_COLUMNS + ["question_types", "unseen"]).to_list()
+            columns = ["questions", "answers", "question_types", "unseen"]
+            if missing := sorted(set(columns) - set(ds["val"].column_names)):
+                raise ValueError(f"understanding.train.type_loss_every needs val rows with {missing}; "
+                                 "ShapesWorld rows carry them: set it to 0 for this dataset")
+            val_rows = ds["val"].select_columns(columns).to_list()
             seen = [i for i, r in enumerate(val_rows) if not r["unseen"]]
             held_out = (load_split_features(clip.path, "val")[seen], [val_rows[i] for i in seen])
         result = train_understanding(backbone, features, train_rows, train_cfg, ckpt_dir,
@@ -107,6 +111,8 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
             atomic_write_json(out / "loss_history.json", result.loss_history)
             if "type_loss" in result.curves:
                 atomic_write_json(out / "type_loss_history.json", result.curves["type_loss"])
+            else:  # not recorded by this config: no stale curve from an earlier one
+                (out / "type_loss_history.json").unlink(missing_ok=True)
             backbone.save(out / BACKBONE_DIR)
         with torch_threads(train_cfg.num_threads):
             res = vqa_accuracy(backbone, ds["val"], batch_size=eval_cfg.batch_size,

@@ -47,6 +47,7 @@ class BackboneConfig:
     merge_size: int = 1  # 2: merge 2x2 neighbouring tokens first (Qwen2.5-VL), N / 4 LM positions
     input_norm: bool = False  # LayerNorm on the CLIP tokens first (Qwen2.5-VL's PatchMerger `ln_q`)
     grid_positions: bool = False  # learned row + column embeddings on the image tokens (GridPositions)
+    grid_init: str = "random"  # their start: "random" (std 0.02) or "sincos" (MAE's 2D sin-cos, unit scale)
     lm_type: str = "qwen3"  # a transformers causal-LM model_type (qwen3, qwen2, llama, ...)
     hidden_size: int = 256
     num_layers: int = 4
@@ -81,6 +82,21 @@ class Projector(nn.Module):
         return self.fc2(self.act(self.fc1(x)))  # (B, N / m^2, H)
 
 
+def sincos_grid(side: int, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAE's fixed 2D sin-cos positions as a row table and a column table, (G, H) each: the row's
+    sines and cosines fill the first half of the width, the column's the second, so their sum is
+    MAE's concatenation. Unit amplitude, ordered from the start (each low frequency's sine rises
+    with the index), where a random start at std 0.02 stays ~30x smaller than the projected tokens
+    through a toy run (docs/status.md)."""
+    half = hidden_size // 2
+    freqs = 1.0 / 10000 ** (torch.arange(half // 2) / (half // 2))  # (H/4,)
+    angles = torch.arange(side)[:, None] * freqs  # (G, H/4)
+    table = torch.cat([angles.sin(), angles.cos()], dim=1)  # (G, H/2)
+    row, col = torch.zeros(side, hidden_size), torch.zeros(side, hidden_size)
+    row[:, :half], col[:, half:half * 2] = table, table
+    return row, col
+
+
 class GridPositions(nn.Module):
     """Learned 2D positions for the LM's image tokens: a row and a column embedding added to each
     projected token, so every image token's value says where it sits on the grid.
@@ -91,10 +107,16 @@ class GridPositions(nn.Module):
     (M-RoPE); the toy adds the two embeddings instead, as ViT-style models do. Alone they did not
     teach "is A left of B?"; with position turns they did (scripts/ablate_relation.py, docs/status.md)."""
 
-    def __init__(self, side: int, hidden_size: int):
+    def __init__(self, side: int, hidden_size: int, init: str = "random"):
         super().__init__()
-        self.row_embed = nn.Parameter(torch.randn(side, hidden_size) * 0.02)  # (G, H)
-        self.col_embed = nn.Parameter(torch.randn(side, hidden_size) * 0.02)  # (G, H)
+        if init == "random":
+            row, col = torch.randn(side, hidden_size) * 0.02, torch.randn(side, hidden_size) * 0.02
+        elif init == "sincos":
+            row, col = sincos_grid(side, hidden_size)
+        else:
+            raise ValueError(f"grid_init must be 'random' or 'sincos', got {init!r}")
+        self.row_embed = nn.Parameter(row)  # (G, H)
+        self.col_embed = nn.Parameter(col)  # (G, H)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, G*G, H), row-major grid
         grid = self.row_embed[:, None] + self.col_embed[None, :]  # (G, G, H)
@@ -142,8 +164,8 @@ class ToyBackbone(Backbone):
                              f"multiple of merge_size {cfg.merge_size}")
         self.num_placeholders = cfg.num_image_tokens // cfg.merge_size ** 2  # image positions in the LM
         self.projector = Projector(cfg.vision_dim, cfg.hidden_size, cfg.merge_size, cfg.input_norm)
-        self.positions = (GridPositions(grid // cfg.merge_size, cfg.hidden_size) if cfg.grid_positions
-                          else nn.Identity())
+        self.positions = (GridPositions(grid // cfg.merge_size, cfg.hidden_size, cfg.grid_init)
+                          if cfg.grid_positions else nn.Identity())
         self.lm = lm if lm is not None else build_lm(cfg, len(tokenizer), tokenizer.pad_token_id,
                                                      self.eos_token_id)
         if encoder is not None:

@@ -212,5 +212,13 @@ def test_grid_positions_add_a_row_and_a_column_embedding(tmp_path):
     assert again.answer_features(x, ["what?", "how many?"], 3) == bb.answer_features(x, ["what?", "how many?"], 3)
     merged = ToyBackbone(BackboneConfig(**(vars(cfg) | {"merge_size": 2})), tok)  # a 4x4 grid after 2x2 merging
     assert merged.positions.row_embed.shape == (4, 32)
+    sincos = ToyBackbone(BackboneConfig(**(vars(cfg) | {"grid_init": "sincos"})), tok).positions
+    row, col = sincos.row_embed.detach(), sincos.col_embed.detach()  # (8, 32): rows in dims :16, columns in 16:
+    assert not row[:, 16:].any() and not col[:, :16].any() and torch.equal(row[:, :16], col[:, 16:])
+    torch.testing.assert_close(row[3, :16], torch.cat([torch.sin(3 * 1e4 ** -(torch.arange(8) / 8)),
+                                                       torch.cos(3 * 1e4 ** -(torch.arange(8) / 8))]))
+    assert (row[1:, 7] > row[:-1, 7]).all()  # the lowest frequency's sine rises along the rows
+    with pytest.raises(ValueError, match="grid_init must be 'random' or 'sincos'"):
+        ToyBackbone(BackboneConfig(**(vars(cfg) | {"grid_init": "learned"})), tok)
     assert not hasattr(ToyBackbone(BackboneConfig(vision_dim=3, hidden_size=32, num_layers=1, num_heads=2,
                                                   num_kv_heads=1, intermediate_size=64), tok).positions, "row_embed")

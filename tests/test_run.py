@@ -189,6 +189,31 @@ def test_type_loss_curves_script(tmp_path, monkeypatch, capsys):
         runpy.run_path(str(script), run_name="__main__")
 
 
+def test_grid_positions_scale_script(tiny_run, monkeypatch, capsys, tmp_path):
+    """scripts/grid_positions_scale.py: the grid tables' scale beside the projected tokens, on a
+    run whose backbone has them (sin-cos, near the tokens' scale) and on one without."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from blip3o_mini.backbone import BackboneConfig, ToyBackbone
+
+    _, out = tiny_run
+    plain = ToyBackbone.load(out / "understanding" / "backbone")
+    (tmp_path / "grid").mkdir()
+    for stage in ("data", "clip"):  # the run's own stages, read only
+        (tmp_path / "grid" / stage).symlink_to(out / stage)
+    cfg = BackboneConfig(**(vars(plain.cfg) | {"grid_positions": True, "grid_init": "sincos"}))
+    ToyBackbone(cfg, plain.tokenizer).save(tmp_path / "grid" / "understanding" / "backbone")
+    script = Path(__file__).parents[1] / "scripts" / "grid_positions_scale.py"
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "grid"), str(out)])
+    runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr().out
+    ratio = float(printed.split("the tokens are ")[1].split("x louder")[0])
+    assert "grid: projected tokens std" in printed and 0.1 < ratio < 10  # sin-cos: the tokens' scale
+    assert f"{out.name}: no grid positions" in printed
+
+
 def test_sdedit_script_scores_tokens_finished_from_each_start(tiny_run, monkeypatch, capsys):
     """scripts/sdedit_geneval.py (the README's scores by noise level)."""
     import runpy

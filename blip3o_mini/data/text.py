@@ -105,6 +105,11 @@ def _ask_relation(a: Obj, b: Obj, rng: np.random.Generator) -> tuple[str, str]:
     return f"is {_the(a)} {asked} {_the(b)}?", answer
 
 
+def _ask_count(shape: str, shape_counts: Counter) -> tuple[str, str]:
+    """"how many circles are there?" -> "two" (zero included), one wording for every use."""
+    return f"how many {plural(shape)} are there?", NUMBERS[shape_counts[shape]]
+
+
 def questions(scene: Scene, rng: np.random.Generator, allow_unseen: bool = False) -> list[dict]:
     """Question-answer pairs of five types with one-word answers, exact from the scene graph.
 
@@ -119,7 +124,7 @@ def questions(scene: Scene, rng: np.random.Generator, allow_unseen: bool = False
     shape_counts = Counter(o.shape for o in objs)
     color_counts = Counter(o.color for o in objs)
     asked_shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    add(f"how many {plural(asked_shape)} are there?", NUMBERS[shape_counts[asked_shape]], "count")
+    add(*_ask_count(asked_shape, shape_counts), "count")
 
     for o in objs:
         if shape_counts[o.shape] == 1:
@@ -187,5 +192,5 @@ def count_turns(scene: Scene, asked: tuple[str, ...] = ()) -> list[tuple[str, st
     LM undercounts (most of its count mistakes are one short). A question already asked in the
     row is left out, so the later copy cannot be answered by reading the earlier answer."""
     counts = Counter(o.shape for o in scene.objects)
-    turns = [(f"how many {plural(s)} are there?", NUMBERS[counts[s]]) for s in SHAPES]
+    turns = [_ask_count(s, counts) for s in SHAPES]  # the wording `questions` asks, so `asked` matches
     return [t for t in turns if t[0] not in asked]

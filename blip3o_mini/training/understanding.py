@@ -173,9 +173,9 @@ class UnderstandingModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True)
-        if self.global_step % self.cfg.log_every == 0 or self.global_step == self.cfg.max_steps - 1:
-            self.loss_history.append((int(self.global_step), float(loss.detach())))
         step, last = int(self.global_step), self.global_step == self.cfg.max_steps - 1
+        if step % self.cfg.log_every == 0 or last:
+            self.loss_history.append((step, float(loss.detach())))
         if self.watch and self.cfg.type_loss_every and (step % self.cfg.type_loss_every == 0 or last):
             for t, value in self.type_losses().items():
                 self.type_loss_history[t].append((step, value))

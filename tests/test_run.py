@@ -320,3 +320,39 @@ def test_sampling_settings_rerun_the_evaluation_not_the_training(tiny_run):
     counts = results["evaluation"].metrics["object_counts"]  # one row per tag, fractions of its images
     assert counts and set(counts) <= set(results["evaluation"].metrics["geneval_mini"])
     assert all(abs(c["fewer"] + c["exact"] + c["more"] - 1) < 1e-9 and c["blank"] <= c["fewer"] for c in counts.values())
+
+
+def test_shape_given_colour_script(tmp_path, monkeypatch, capsys):
+    """scripts/shape_given_colour.py: right colour with the asked shape on reference renders; a
+    square drawn as a circle of the asked colour counts as colour drawn, shape wrong."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from blip3o_mini.data.world import place_objects, render
+    from blip3o_mini.evaluation.folder import write_geneval_folder
+    from blip3o_mini.evaluation.prompts import make_prompts
+    from blip3o_mini.evaluation.reference import reference_images
+
+    prompts = [m for m in make_prompts(per_tag=18) if m["tag"] == "colors"]  # 18: one per colour x shape
+    write_geneval_folder(tmp_path / "right", prompts, reference_images, samples_per_prompt=1)
+
+    def squares_as_circles(batch, seed):
+        kinds = [(m["include"][0]["color"], "circle" if m["include"][0]["class"] == "square" else m["include"][0]["class"])
+                 for m in batch]
+        return [render(place_objects(np.random.default_rng([seed, k]), [kind])) for k, kind in enumerate(kinds)]
+
+    write_geneval_folder(tmp_path / "run" / "evaluation" / "geneval", prompts, squares_as_circles, samples_per_prompt=1)
+    script = Path(__file__).parents[1] / "scripts" / "shape_given_colour.py"
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "right"), str(tmp_path / "run")])
+    runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr().out
+    right, run = printed.split("run: per object")
+    assert "colors          18         1.00         1.00           1.00" in right
+    assert "colors          18         1.00         0.67           0.67" in run  # 6 of 18 asked squares
+    assert "asked square: drawn as circle 1.00 (n=6)" in run and "asked circle: drawn as circle 1.00" in run
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path)])
+    with pytest.raises(SystemExit, match="neither a run directory"):
+        runpy.run_path(str(script), run_name="__main__")

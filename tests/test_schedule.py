@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from blip3o_mini.training.schedule import cosine_with_warmup, warmup_cosine
+from blip3o_mini.training.schedule import adamw, cosine_with_warmup, warmup_cosine
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -39,3 +39,37 @@ def test_the_scheduler_steps_the_optimizer_and_resumes():
     second, _ = run(12, state)  # a resumed run continues on the same curve
     assert first + second == pytest.approx(lrs)
     assert math.isclose(max(lrs), 2e-3)
+
+
+def test_adamw_is_fused_on_cpu_and_updates_as_the_loop_does():
+    """`adamw` picks the fused kernel for CPU float parameters; the weights follow the plain
+    per-tensor AdamW to float precision, groups (and their weight decay) kept, and an
+    unfused optimizer's state (an older checkpoint) loads into it."""
+    torch.manual_seed(0)
+    init = [torch.randn(5, 3), torch.randn(3)]
+    grads = [[torch.randn_like(w) for w in init] for _ in range(4)]
+
+    def train(make):
+        params = [torch.nn.Parameter(w.clone()) for w in init]
+        opt = make([{"params": [params[0]], "weight_decay": 0.1}, {"params": [params[1]], "weight_decay": 0.0}])
+        for g in grads:
+            for p, gp in zip(params, g):
+                p.grad = gp.clone()
+            opt.step()
+        return params, opt
+
+    fused, fused_opt = train(lambda groups: adamw(groups, lr=1e-2, betas=(0.9, 0.98)))
+    loop, loop_opt = train(lambda groups: torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.98), foreach=False))
+    assert all(g["fused"] for g in fused_opt.param_groups)
+    assert [g["weight_decay"] for g in fused_opt.param_groups] == [0.1, 0.0]
+    for a, b in zip(fused, loop):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(a, init[0] if a.ndim == 2 else init[1])  # the weights moved
+    fused_opt.load_state_dict(loop_opt.state_dict())
+    fused_opt.step()  # resumes with the loop's moments
+
+
+def test_adamw_accepts_a_parameter_generator():
+    model = torch.nn.Linear(3, 2)
+    opt = adamw(model.parameters(), lr=1e-3)
+    assert len(opt.param_groups[0]["params"]) == 2 and opt.param_groups[0]["fused"]

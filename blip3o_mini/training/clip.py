@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.world import COLORS, HELD_OUT, SHAPES
 from ..vision import ClipEncoder
 from .distributed import TrainerConfig, make_trainer
-from .schedule import warmup_cosine
+from .schedule import adamw, warmup_cosine
 
 MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learnable temperature here
 
@@ -123,7 +123,7 @@ class ClipModule(L.LightningModule):
         for name, p in self.encoder.model.named_parameters():
             excluded = p.ndim < 2 or "embedding" in name or "logit_scale" in name or "ln" in name
             (no_decay if excluded else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
+        opt = adamw([{"params": decay, "weight_decay": self.cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
                                 lr=self.cfg.lr, betas=(0.9, 0.98), eps=1e-6)
         return warmup_cosine(opt, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr_ratio)

@@ -1,4 +1,5 @@
-"""The learning-rate schedule every recipe here uses: linear warmup, then cosine decay.
+"""The optimizer and learning-rate schedule every recipe here uses: AdamW, linear warmup,
+then cosine decay.
 
 CLIP, the understanding backbone, the DiT and the pixel decoder all train with AdamW under
 this one schedule (BLIP3-o: cosine decay after a short warmup), stepped once per optimizer
@@ -19,6 +20,22 @@ def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> 
         return (step + 1) / max(1, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def adamw(groups, **kwargs) -> torch.optim.AdamW:
+    """`torch.optim.AdamW`, with the fused kernel where every parameter allows it.
+
+    Same update rule; the fused kernel updates all tensors in one pass instead of a Python loop
+    of small ops per tensor. On the toy CPU that loop cost a CLIP step 12% (0.50 -> 0.44 s):
+    the text tower's 49,408 x 128 token table is updated every step, used rows or not.
+    """
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    groups = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in groups]
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = all(p.dtype.is_floating_point and p.device.type in _get_fused_kernels_supported_devices()
+                for p in params)
+    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
 
 
 def warmup_cosine(opt: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float) -> dict:

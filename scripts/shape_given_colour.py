@@ -1,0 +1,77 @@
+"""Where colour-named objects go wrong in GenEval-mini images: their colour, or their shape?
+
+    python scripts/shape_given_colour.py ~/.cache/blip3o-mini/runs/toy RUN_DIR2 ...
+    python scripts/shape_given_colour.py path/to/geneval_folder
+
+Reads each run's generated images (RUN_DIR/evaluation/geneval, GenEval's layout; or a GenEval
+folder itself) and scores them with the GenEval-mini detector. For every object a prompt names
+with its colour (tags colors, position, color_attr) it counts whether an object of that colour
+was drawn, and whether one of them has the asked shape; then, per asked shape, what the first
+object of the asked colour was drawn as. A low "shape | colour" with a high "colour drawn" says
+the objects are there, in the right colours, with the wrong outlines (docs/status.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+
+def geneval_folder(path: Path) -> Path:
+    path = path.expanduser()
+    folder = path / "evaluation" / "geneval"
+    if folder.is_dir():
+        return folder
+    if any(p.name == "metadata.jsonl" for p in path.glob("*/metadata.jsonl")):
+        return path
+    raise SystemExit(f"{path}: neither a run directory with evaluation/geneval nor a GenEval folder; "
+                     "run the evaluation stage (blip3o-mini run) first")
+
+
+def shape_given_colour(folder: Path) -> tuple[dict[str, Counter], Counter]:
+    """Per tag: asked / colour drawn / colour and shape counts; and (asked, drawn) shape pairs."""
+    from blip3o_mini.evaluation.score import score_folder
+
+    result = score_folder(folder, write=False)
+    stats: dict[str, Counter] = defaultdict(Counter)
+    confused: Counter = Counter()
+    for record in result.records:
+        metadata = json.loads((folder / record["filename"].split("/")[0] / "metadata.jsonl").read_text())
+        for req in metadata["include"]:
+            if "color" not in req:
+                continue
+            same_colour = [d for d in record["detections"] if d["color"] == req["color"]]
+            s = stats[record["tag"]]
+            s["asked"] += 1
+            s["colour drawn"] += bool(same_colour)
+            s["colour and shape"] += any(d["shape"] == req["class"] for d in same_colour)
+            if same_colour:
+                confused[(req["class"], same_colour[0]["shape"])] += 1
+    return dict(stats), confused
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", type=Path, nargs="+", help="run directories or GenEval folders")
+    args = p.parse_args()
+    for path in args.runs:
+        stats, confused = shape_given_colour(geneval_folder(path))
+        print(f"{path.name}: per object a prompt names with its colour")
+        print(f"  {'tag':<12} {'asked':>5} {'colour drawn':>12} {'colour+shape':>12} {'shape | colour':>14}")
+        for tag, s in stats.items():
+            print(f"  {tag:<12} {s['asked']:>5} {s['colour drawn'] / s['asked']:>12.2f} "
+                  f"{s['colour and shape'] / s['asked']:>12.2f} "
+                  f"{s['colour and shape'] / max(1, s['colour drawn']):>14.2f}")
+        drawn = Counter()
+        for (asked, _), n in confused.items():
+            drawn[asked] += n
+        for asked in sorted(drawn):
+            as_what = ", ".join(f"{shape} {confused[(asked, shape)] / drawn[asked]:.2f}"
+                                for shape in sorted({s for a, s in confused if a == asked}))
+            print(f"  asked {asked}: drawn as {as_what} (n={drawn[asked]})")
+
+
+if __name__ == "__main__":
+    main()

@@ -155,7 +155,7 @@ def train_and_score(pipe, q, x, rows, args, cfg, directions: dict) -> dict:
     from blip3o_mini.training.distributed import stage_trainer_config
     from blip3o_mini.training.ema import update_ema
     from blip3o_mini.training.generation import GenerationTrainConfig
-    from blip3o_mini.training.schedule import adamw, cosine_with_warmup
+    from blip3o_mini.training.schedule import cosine_with_warmup
 
     gen, results = pipe.generator, {}
     flow = FlowMatching(**{**gen.cfg.flow, **({"time_sampling": args.time_sampling} if args.time_sampling else {})})
@@ -165,7 +165,7 @@ def train_and_score(pipe, q, x, rows, args, cfg, directions: dict) -> dict:
         for block in dit.blocks:
             block.cross_gate.fill_(args.cross_gate_init)  # (H,): tanh(gate) scales the cross-attention
     emas = {d: copy.deepcopy(dit).requires_grad_(False) for d in args.decays}
-    opt = adamw(dit.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(dit.parameters(), args.lr, weight_decay=0.0)
     warmup = cfg["generation"].get("train", {}).get("warmup_steps", 100)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: cosine_with_warmup(s, warmup, args.steps, args.min_lr / args.lr))

@@ -356,3 +356,27 @@ def test_shape_given_colour_script(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path)])
     with pytest.raises(SystemExit, match="neither a run directory"):
         runpy.run_path(str(script), run_name="__main__")
+
+
+def test_same_noise_prompts_script(tiny_run, monkeypatch, capsys):
+    """scripts/same_noise_prompts.py: a prompt against itself differs in nothing (same noise,
+    same condition); another prompt moves the condition Q."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    _, out = tiny_run
+    script = Path(__file__).parents[1] / "scripts" / "same_noise_prompts.py"
+    prompts = ["a photo of a red square", "a photo of a red square", "a photo of a blue circle"]
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--num", "3", *prompts])
+    runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0].startswith("'a photo of a red square': detected")
+    result = json.loads(printed[-1])
+    assert result["a photo of a red square"] == {"tokens": 0.0, "pixels": 0.0, "q": 0.0}
+    # another prompt moves Q; the tiny run's DiT, two steps from its zero-initialised gates,
+    # barely hears it yet, so only the sign of the token distance is known
+    assert result["a photo of a blue circle"]["q"] > 0 and result["a photo of a blue circle"]["tokens"] >= 0
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "a photo of a circle"])
+    with pytest.raises(SystemExit, match="two or more prompts"):
+        runpy.run_path(str(script), run_name="__main__")

@@ -1,6 +1,7 @@
 """The CLIP encoder: BLIP3-o's 64-token feature target, input handling, checkpoints, EVA path."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,27 @@ def test_training_smoke_loss_decreases(tmp_path):
     assert losses[-1] < losses[0] - 0.05, losses  # seeded and fp32: deterministic
     assert (tmp_path / "last.ckpt").exists()
     assert not enc.training  # handed back in eval mode
+
+
+def test_training_in_bf16_with_the_fused_adamw(tmp_path):
+    """The CLIP recipe's fused AdamW under Lightning's bf16 autocast (the stage's precision):
+    it trains, as the recipes that clip gradients could not (Lightning refuses to clip there)."""
+    from blip3o_mini.data import make_sample
+    from blip3o_mini.data.tensors import images_uint8
+    from blip3o_mini.training.clip import ClipModule, ClipTrainConfig, train_clip
+    from blip3o_mini.training.distributed import TrainerConfig
+
+    import datasets
+
+    rows = [make_sample(0, "train", i) for i in range(8)]
+    split = datasets.Dataset.from_dict({"image": [r["image"] for r in rows]},
+                                       features=datasets.Features({"image": datasets.Image()}))
+    enc = ClipEncoder()
+    cfg = ClipTrainConfig(batch_size=8, max_steps=2, warmup_steps=1, log_every=1, precision="bf16-mixed")
+    assert ClipModule(enc, cfg).configure_optimizers()["optimizer"].param_groups[0]["fused"]
+    result = train_clip(enc, images_uint8(split), [r["captions"][:1] for r in rows], cfg, tmp_path,
+                        trainer=TrainerConfig(accelerator="cpu", precision="bf16-mixed"))
+    assert result.steps == 2 and all(math.isfinite(loss) for _, loss in result.loss_history)
 
 
 def test_hard_negative_swaps_one_shape_and_never_a_held_out_pair():

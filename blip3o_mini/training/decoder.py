@@ -27,7 +27,7 @@ from torch import Tensor
 from ..decoder import DecoderConfig, PixelDecoder, images_to_model
 from .distributed import TrainerConfig, check_global_batch, make_trainer
 from .ema import update_ema
-from .schedule import adamw, warmup_cosine
+from .schedule import warmup_cosine
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 
@@ -130,7 +130,7 @@ class DecoderModule(L.LightningModule):
 
     def configure_optimizers(self):
         c = self.train_cfg
-        opt = adamw(self.decoder.parameters(), lr=c.lr, weight_decay=c.weight_decay,
+        opt = torch.optim.AdamW(self.decoder.parameters(), lr=c.lr, weight_decay=c.weight_decay,
                                 betas=(0.9, 0.99))
         return warmup_cosine(opt, c.warmup_steps, c.max_steps, c.min_lr_ratio)
 

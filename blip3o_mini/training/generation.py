@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..generation import Blip3oGenerator
-from .schedule import adamw, warmup_cosine
+from .schedule import warmup_cosine
 
 
 @dataclass
@@ -102,7 +102,7 @@ class GenerationModule(L.LightningModule):
         groups = [{"params": rest}]
         if queries.requires_grad:
             groups.append({"params": [queries], "lr": self.cfg.lr * self.cfg.query_lr_scale})
-        opt = adamw(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.999))
+        opt = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.999))
         return warmup_cosine(opt, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr / self.cfg.lr)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -23,11 +23,14 @@ def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> 
 
 
 def adamw(groups, **kwargs) -> torch.optim.AdamW:
-    """`torch.optim.AdamW`, with the fused kernel where every parameter allows it.
+    """`torch.optim.AdamW`, with the fused kernel where every parameter allows it (the CLIP recipe).
 
     Same update rule; the fused kernel updates all tensors in one pass instead of a Python loop
     of small ops per tensor. On the toy CPU that loop cost a CLIP step 12% (0.50 -> 0.44 s):
-    the text tower's 49,408 x 128 token table is updated every step, used rows or not.
+    the text tower's 49,408 x 128 token table is updated every step, used rows or not. Only for
+    recipes that do not clip gradients: Lightning's mixed-precision plugin refuses to clip for a
+    fused optimizer (it assumes the optimizer unscales gradients itself), so the understanding,
+    generation and decoder recipes, which clip, keep the per-tensor AdamW.
     """
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 

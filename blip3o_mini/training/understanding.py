@@ -34,7 +34,7 @@ from ..tokenizer import CAPTION_PROMPT
 from .clip import TrainResult  # the same result record as the CLIP and generation recipes
 from .distributed import TrainerConfig, make_trainer
 from .packing import IGNORE, Packer, PackedRow, collate_rows, packed_attention_mask
-from .schedule import adamw, warmup_cosine
+from .schedule import warmup_cosine
 
 
 @dataclass
@@ -192,7 +192,7 @@ class UnderstandingModule(L.LightningModule):
             if p.requires_grad:
                 excluded = p.ndim < 2 or "embed" in name or "norm" in name
                 (no_decay if excluded else decay).append(p)
-        opt = adamw([{"params": decay, "weight_decay": self.cfg.weight_decay},
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.cfg.lr, betas=(0.9, 0.98))
         return warmup_cosine(opt, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr_ratio)
 

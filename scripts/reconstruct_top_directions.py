@@ -1,7 +1,8 @@
 """How many principal directions of a CLIP token does the pixel decoder need? Reconstruction
 GenEval-mini of validation images decoded from their real CLIP tokens kept on only their k
 largest principal directions (the rest at the mean): the ceiling of a generator that produces k
-whitened coordinates per token (`generation.whiten_dims`; docs/status.md).
+whitened coordinates per token (`generation.whiten_dims`; docs/status.md). Also prints, per
+shape, the fraction of the scenes' objects found in the decodes with their colour and shape.
 
     python scripts/reconstruct_top_directions.py --run-dir ~/.cache/blip3o-mini/runs/toy --dims 8 12 16 24 32 128
 
@@ -26,6 +27,7 @@ def main() -> None:
 
     from blip3o_mini.data.dataset import scene_of
     from blip3o_mini.data.tensors import images_uint8
+    from blip3o_mini.data.world import SHAPES
     from blip3o_mini.decoder_stage import decoder_configs, reconstruction_report
     from blip3o_mini.features import load_split_features, measure_whitening
     from blip3o_mini.pipeline import Blip3oMiniPipeline, SamplingConfig
@@ -47,8 +49,10 @@ def main() -> None:
         kept = ((feats - mean) / std) @ top @ top.T * std + mean  # (M, 64, F) on the k largest directions
         report = reconstruction_report(decoder, kept, originals, scenes, ecfg)
         results[k] = round(report.geneval.summary()["overall"], 4)
+        found = ", ".join(f"{s} {report.recall[s]:.2f}" for s in SHAPES if s in report.recall)
         print(f"top {k:>3} of {len(var)} directions ({var[:k].sum() / var.sum():.3f} of the variance): "
-              f"reconstruction GenEval-mini {results[k]:.3f}, PSNR {report.psnr:.1f} dB", flush=True)
+              f"reconstruction GenEval-mini {results[k]:.3f}, PSNR {report.psnr:.1f} dB; "
+              f"objects found in their colour and shape: {found}", flush=True)
     print(json.dumps(results))
 
 

@@ -245,6 +245,7 @@ def test_reconstruct_top_directions_script(tiny_run, monkeypatch, capsys):
     scores = json.loads(printed[-1])
     assert sorted(scores) == ["128", "2"] and all(0.0 <= v <= 1.0 for v in scores.values())
     assert "top 128 of 128 directions (1.000 of the variance)" in printed[-2]
+    assert "objects found in their colour and shape: circle " in printed[-2]
 
 
 def test_token_norms_script(tiny_run, monkeypatch, capsys):

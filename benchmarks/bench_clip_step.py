@@ -3,6 +3,7 @@
     python benchmarks/bench_clip_step.py                  # toy config, CPU, as the clip stage runs
     python benchmarks/bench_clip_step.py --batch 64 --json clip_step.json
     python benchmarks/bench_clip_step.py --precision bf16-mixed    # force bf16 (emulated on CPUs without it)
+    python benchmarks/bench_clip_step.py --adamw per-tensor        # the AdamW loop the recipe's fused kernel replaced
 
 The step is the clip stage's (`blip3o_mini.training.clip.ClipModule`): the open_clip model of
 `configs/toy.yaml`, the stage's precision (bf16 autocast; fp32 on a CPU without bf16
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--precision", choices=["bf16-mixed", "32-true"], default=None,
                    help="bf16 autocast or fp32 (default: the stage's, bf16 where the CPU has bf16 instructions)")
+    p.add_argument("--adamw", choices=["recipe", "per-tensor"], default="recipe",
+                   help="the recipe's AdamW (fused where the parameters allow it) or the per-tensor loop")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
 
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> dict:
     encoder = ClipEncoder(clip_cfg).train()
     module = ClipModule(encoder, train_cfg)
     opt = module.configure_optimizers()["optimizer"]
+    if args.adamw == "per-tensor":  # the same groups and hyperparameters, updated tensor by tensor
+        opt = torch.optim.AdamW([{k: v for k, v in g.items() if k not in ("fused", "foreach")}
+                                 for g in opt.param_groups], foreach=False)
     split = generate_split(0, "train", B)
     images = images_uint8(split)  # (B, 3, H, W) uint8
     captions = [c[0] for c in split["captions"]]
@@ -110,7 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
            "step_s": round(parts["step"], 4), "profiled_step_s": round(total, 4),
            "matmul_share": round(mat_s / total, 3), "matmul_gflop_per_step": round(flops / 1e9, 1),
            "matmul_gflop_per_s": round(flops / 1e9 / mat_s, 1) if mat_s else None}
-    print(f"toy CLIP step, batch {B} (+{B} hard negatives), {args.precision}, {out['threads']} thread(s)")
+    out["adamw"] = args.adamw
+    print(f"toy CLIP step, batch {B} (+{B} hard negatives), {args.precision}, {out['threads']} thread(s), "
+          f"{args.adamw} AdamW")
     print(f"vision tower fwd+bwd {parts['vision'] * 1e3:7.1f} ms")
     print(f"text tower fwd+bwd   {parts['text'] * 1e3:7.1f} ms  ({2 * B} captions)")
     print(f"whole step           {parts['step'] * 1e3:7.1f} ms  (loss and AdamW included)")

@@ -248,3 +248,5 @@ def test_bench_clip_step_times_the_stage_step(monkeypatch):
     assert out["precision"] == recipe_precision_here("bf16-mixed", "cpu")  # as the stage trains on this CPU
     assert out["batch"] == 4 and out["vision_fwd_bwd_s"] > 0 and out["text_fwd_bwd_s"] > 0
     assert 0 < out["matmul_share"] <= 1 and out["matmul_gflop_per_step"] > 0
+    loop = bench_clip_step.main(["--batch", "4", "--repeats", "1", "--adamw", "per-tensor"])
+    assert out["adamw"] == "recipe" and loop["adamw"] == "per-tensor" and loop["step_s"] > 0

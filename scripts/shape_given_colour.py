@@ -14,7 +14,6 @@ the objects are there, in the right colours, with the wrong outlines (docs/statu
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -32,14 +31,15 @@ def geneval_folder(path: Path) -> Path:
 
 def shape_given_colour(folder: Path) -> tuple[dict[str, Counter], Counter]:
     """Per tag: asked / colour drawn / colour and shape counts; and (asked, drawn) shape pairs."""
+    from blip3o_mini.evaluation.folder import read_geneval_folder
     from blip3o_mini.evaluation.score import score_folder
 
     result = score_folder(folder, write=False)
+    metadata = {name: m for name, m, _ in read_geneval_folder(folder)}  # prompt folder -> its metadata
     stats: dict[str, Counter] = defaultdict(Counter)
     confused: Counter = Counter()
     for record in result.records:
-        metadata = json.loads((folder / record["filename"].split("/")[0] / "metadata.jsonl").read_text())
-        for req in metadata["include"]:
+        for req in metadata[record["filename"].split("/")[0]]["include"]:
             if "color" not in req:
                 continue
             same_colour = [d for d in record["detections"] if d["color"] == req["color"]]

@@ -124,8 +124,8 @@ class ClipModule(L.LightningModule):
             excluded = p.ndim < 2 or "embedding" in name or "logit_scale" in name or "ln" in name
             (no_decay if excluded else decay).append(p)
         opt = adamw([{"params": decay, "weight_decay": self.cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=self.cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+                     {"params": no_decay, "weight_decay": 0.0}],
+                    lr=self.cfg.lr, betas=(0.9, 0.98), eps=1e-6)
         return warmup_cosine(opt, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr_ratio)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -3,6 +3,8 @@
 
     python benchmarks/bench_dit.py                                   # toy size, CPU, fp32
     python benchmarks/bench_dit.py --device cuda --size full --dtype bf16 --batch 32
+    python benchmarks/bench_dit.py --size toy-config --dtype bf16 --batch 64 --attention auto --compile
+                                                                      # the toy stage's DiT step, eager and compiled
 
 Both models train with the same flow-matching loss (`blip3o_mini.flow.FlowMatching`) on the
 same random tensors in one process; steps alternate between the two models in rounds so that
@@ -34,7 +36,13 @@ def build_models(size: str, device: str):
 
     from blip3o_mini.dit import FULL_DIT, DiTConfig, NextDiT
 
-    cfg = DiTConfig(**FULL_DIT) if size == "full" else DiTConfig()
+    if size == "toy-config":  # the DiT configs/toy.yaml trains, conditioned on the toy LM's states
+        from blip3o_mini.config import load_config
+        from blip3o_mini.describe import build_components
+
+        cfg = build_components(load_config("toy")).generator.dit_cfg
+    else:
+        cfg = DiTConfig(**FULL_DIT) if size == "full" else DiTConfig()
     ours = NextDiT(cfg)
     theirs = LuminaNextDiT2DModel(
         sample_size=cfg.grid, patch_size=1, in_channels=cfg.in_dim, hidden_size=cfg.dim,
@@ -65,7 +73,8 @@ def lumina_velocity(model, cfg):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--size", choices=["toy", "full"], default="toy")
+    p.add_argument("--size", choices=["toy", "toy-config", "full"], default="toy",
+                   help="toy: DiTConfig's defaults; toy-config: configs/toy.yaml's DiT; full: BLIP3-o's")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--cond-len", type=int, default=64, help="Nq condition tokens (BLIP3-o: 64)")
@@ -74,12 +83,18 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in our DiT")
+    p.add_argument("--attention", choices=["default", "auto", "math"], default="default",
+                   help="attention kernel (`trainer.attention`); the stages use auto, the math kernel on CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="also time our DiT under torch.compile (as `generation.train.compile`), after its compilation")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
 
+    from blip3o_mini.dit import NextDiT
     from blip3o_mini.flow import FlowMatching
+    from blip3o_mini.training.attention_kernel import attention_kernel
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench_dit: --device cuda asked for but no CUDA device is visible")
@@ -101,7 +116,12 @@ def main() -> None:
         return contextlib.nullcontext()
 
     runners = {}
-    for name, model, v in [("ours (NextDiT)", ours, ours), ("diffusers Lumina", theirs, lumina_velocity(theirs, cfg))]:
+    models = [("ours (NextDiT)", ours, ours), ("diffusers Lumina", theirs, lumina_velocity(theirs, cfg))]
+    if args.compile:  # a second copy of our DiT, so the eager one stays eager
+        compiled = NextDiT(cfg).to(args.device)
+        compiled.load_state_dict(ours.state_dict())
+        models.append(("ours, compiled", compiled, torch.compile(compiled.forward, dynamic=False)))
+    for name, model, v in models:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         model.train()
 
@@ -117,9 +137,14 @@ def main() -> None:
 
         runners[name] = (model, step)
 
-    for _, step in runners.values():
+    kernel = attention_kernel(args.attention, "cuda" if cuda else "cpu")
+    kernel.__enter__()  # every step, warm-up and compilation included, as in a stage
+    for name, (_, step) in runners.items():
+        start = time.perf_counter()
         for _ in range(args.warmup):
             step()
+        if name == "ours, compiled":
+            print(f"compilation and {args.warmup} warm-up step(s): {time.perf_counter() - start:.0f} s")
     times = {name: [] for name in runners}
     cpu_times = {name: [] for name in runners}  # process CPU time: less sensitive to other load
     peak = {}
@@ -135,12 +160,13 @@ def main() -> None:
             if cuda:
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated() / 2**30)
 
+    kernel.__exit__(None, None, None)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     device = torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
     print(f"device: {device}; load average {load:.1f}; torch {torch.__version__}")
     print(f"size {args.size}: dim {cfg.dim}, depth {cfg.depth}, heads {cfg.num_heads}, tokens "
           f"{cfg.grid ** 2} x {cfg.in_dim}, condition {args.cond_len} x {cfg.cond_dim}; batch "
-          f"{args.batch}, {args.dtype}{', grad ckpt (ours)' if args.grad_ckpt else ''}")
+          f"{args.batch}, {args.dtype}{', grad ckpt (ours)' if args.grad_ckpt else ''}, attention {args.attention}")
     print(f"median of {args.rounds * args.steps} steps after {args.warmup} warm-up")
     extra = f" {'peak GiB':>9}" if cuda else f" {'CPU ms/step':>12}"
     print(f"{'model':<18} {'params (M)':>10} {'ms/step':>9} {'samples/s':>10}" + extra)
@@ -151,9 +177,11 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters()) / 1e6
         row = f"{name:<18} {params:>10.1f} {ms[name]:>9.1f} {1000 * args.batch / ms[name]:>10.1f}"
         print(row + (f" {peak[name]:>9.2f}" if cuda else f" {cpu_ms[name]:>12.1f}"))
-    a, b = runners  # ours, diffusers
+    a, b, *c = runners  # ours, diffusers[, ours compiled]
     print(f"ratio ours / diffusers, wall time per step: {ms[a] / ms[b]:.2f}"
           + ("" if cuda else f"; CPU time per step: {cpu_ms[a] / cpu_ms[b]:.2f}"))
+    if c:
+        print(f"ratio ours compiled / ours eager, wall time per step: {ms[c[0]] / ms[a]:.2f}")
 
 
 if __name__ == "__main__":

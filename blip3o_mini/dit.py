@@ -108,11 +108,12 @@ def rope_angles(positions: Tensor, head_dim: int, theta: float = 10000.0) -> Ten
 
 
 def apply_rope(x: Tensor, angles: Tensor) -> Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x (B, H, N, Dh) by angles (N, Dh/2): read each pair
-    as a complex number and multiply it by e^(i * angle), in float32 (as Lumina does)."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, N, Dh/2) complex
-    rotated = pairs * torch.polar(torch.ones_like(angles), angles)  # (B, H, N, Dh/2) complex
-    return torch.view_as_real(rotated).flatten(-2).type_as(x)  # (B, H, N, Dh)
+    """Rotate channel pairs (2i, 2i+1) of x (B, H, N, Dh) by angles (N, Dh/2), in float32 as
+    Lumina does. Lumina reads each pair as a complex number times e^(i * angle); the same
+    product written out in reals lets torch.compile fuse it (it cannot generate complex code)."""
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, N, Dh/2) each: real, imaginary
+    cos, sin = angles.cos(), angles.sin()  # (N, Dh/2)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)  # (B, H, N, Dh)
 
 
 # ---------------------------------------------------------------------------- embeddings

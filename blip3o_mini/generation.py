@@ -124,13 +124,15 @@ class Blip3oGenerator(nn.Module):
                           for i in range(0, len(prompts), chunk_size)])  # (B, Nq, K)
 
     def loss(self, backbone: QueryBackbone, prompts: list[str], features: Tensor,
-             generator: torch.Generator | None = None) -> FlowLoss:
-        """Flow-matching loss for CLIP `features` (B, N, F) of images described by `prompts`."""
+             generator: torch.Generator | None = None, dit=None) -> FlowLoss:
+        """Flow-matching loss for CLIP `features` (B, N, F) of images described by `prompts`.
+        `dit`: what computes the velocity, by default `self.dit` (training passes its compiled
+        forward)."""
         if features.shape[1:] != (self.cfg.num_tokens, self.feature_dim):
             raise ValueError(f"features must be (B, {self.cfg.num_tokens}, {self.feature_dim}), "
                              f"got {tuple(features.shape)}")
         cond = self.condition(backbone, prompts)  # (B, Nq, K)
-        return self.flow.loss(self.dit, self.normalize(features), cond, generator=generator)
+        return self.flow.loss(dit or self.dit, self.normalize(features), cond, generator=generator)
 
     @torch.no_grad()
     def generate_features(self, backbone: QueryBackbone, prompts: list[str],

@@ -74,13 +74,19 @@ def weights_hash(module: torch.nn.Module) -> str:
 
 
 SAMPLING_KEYS = ("num_steps", "guidance_scale", "sde_noise")  # generation.flow keys read only when sampling
+SPEED_KEYS = ("compile",)  # generation.train keys that change how fast it trains, not what
 
 
 def training_section(section: dict) -> dict:
-    """The `generation:` section less the flow's sampling keys: the stage's fingerprint, so a
-    change of sampling steps or CFG scale re-runs the evaluation, not the training."""
-    flow = {k: v for k, v in (section.get("flow") or {}).items() if k not in SAMPLING_KEYS}
-    return {**section, "flow": flow} if "flow" in section else dict(section)
+    """The `generation:` section less the flow's sampling keys and the recipe's speed keys: the
+    stage's fingerprint, so a change of sampling steps or CFG scale re-runs the evaluation, not
+    the training, and switching `compile` keeps a trained stage."""
+    out = dict(section)
+    if "flow" in section:
+        out["flow"] = {k: v for k, v in (section["flow"] or {}).items() if k not in SAMPLING_KEYS}
+    if "train" in section:
+        out["train"] = {k: v for k, v in (section["train"] or {}).items() if k not in SPEED_KEYS}
+    return out
 
 
 def generation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:

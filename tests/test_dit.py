@@ -112,6 +112,10 @@ def test_rope_depends_only_on_relative_2d_position():
     assert torch.all(a[1, : head_dim // 4] == 0) and torch.all(a[8, head_dim // 4:] == 0)
     x = torch.randn(2, 3, 64, head_dim, generator=g)
     assert torch.allclose(apply_rope(x, a).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    # each pair times e^(i * angle), as Lumina writes it with complex numbers
+    pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # (2, 3, 64, Dh/2)
+    lumina = torch.view_as_real(pairs * torch.polar(torch.ones_like(a), a)).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, a), lumina)
 
 
 def test_rope_and_time_embedding_match_diffusers_lumina():

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..generation import Blip3oGenerator
+from .compile import check_compile, use_compile
 from .schedule import warmup_cosine
 
 
@@ -34,8 +35,12 @@ class GenerationTrainConfig:
     num_workers: int = 0
     checkpoint_every: int = 200
     seed: int = 0
+    # torch.compile the DiT's training forward: true, false or auto (where a compiler is found;
+    # training/compile.py). A speed setting, left out of the stage's fingerprint.
+    compile: bool | str = False
 
     def __post_init__(self):
+        check_compile(self.compile, "generation.train.compile")
         if self.query_lr_scale < 0:
             raise ValueError(f"generation.train.query_lr_scale must be >= 0 (0 freezes the queries), "
                              f"got {self.query_lr_scale}")
@@ -82,6 +87,8 @@ class GenerationModule(L.LightningModule):
             self.generator.queries.requires_grad_(False)
         self.strict_loading = False  # checkpoints hold the generator only
         self.losses: list[tuple[int, float]] = []
+        self.compiled = use_compile(cfg.compile)
+        self._dit_forward = None  # made at the first step, in the process that trains (ddp_spawn pickles us)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -90,7 +97,11 @@ class GenerationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         prompts, features = batch
-        out = self.generator.loss(self.backbone, prompts, features)
+        if self.compiled and self._dit_forward is None:
+            # A compiled *function*, not a submodule: the DiT's weights stay registered once, under
+            # `generator.dit`, and sampling (other batch shapes) keeps the eager DiT.
+            self._dit_forward = torch.compile(self.generator.dit.forward, dynamic=False)
+        out = self.generator.loss(self.backbone, prompts, features, dit=self._dit_forward)
         self.log("train/loss", out.loss, prog_bar=True)
         if self.global_step % self.cfg.log_every == 0:
             self.losses.append((int(self.global_step), float(out.loss.detach())))

@@ -64,8 +64,9 @@ subclass and its batch format (tests/ddp_script.py adds sample indices for fixed
         module = module_cls(generator, backbone, train_cfg)
     else:
         module = generation_module(targets, generator, backbone, train_cfg, encoder)
+    # A compiled DiT wants one batch shape: an epoch's ragged last batch would compile it again.
     data = ShardedDataModule(dataset, train_cfg.batch_size, collate_fn=collate_fn, seed=train_cfg.seed,
-                             num_workers=train_cfg.num_workers)
+                             num_workers=train_cfg.num_workers, drop_last=module.compiled)
     kwargs = trainer_kwargs(tc, max_steps=train_cfg.max_steps, gradient_clip_val=train_cfg.grad_clip,
                             logger=False, enable_progress_bar=False, enable_model_summary=False, **trainer_overrides)
     return GenerationRun(module, data, kwargs, train_cfg, global_batch)

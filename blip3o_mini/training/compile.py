@@ -1,0 +1,49 @@
+"""Whether a recipe compiles its model with `torch.compile` (a speed setting, `compile:` in a
+recipe's `train:` section): `true`, `false`, or `auto`, which compiles where a compiler is
+found and runs eagerly elsewhere, so one config serves a laptop without one.
+
+Why it pays on CPU: the toy NextDiT's matrices are 128 wide, so its step is mostly elementwise
+work (adaLN modulation, RMSNorms, RoPE, SwiGLU, tanh gates, autocast's dtype copies), one small
+kernel each. Inductor fuses them into a few C++ loops (`python benchmarks/bench_dit.py
+--size toy-config --dtype bf16 --batch 64 --attention auto --compile`). The first step pays the
+compilation (about two and a half minutes on the 2-core toy machine); Inductor caches it on disk
+(/tmp/torchinductor_$USER), so the next run starts in seconds. That cache does not tell the
+attention kernels apart (`trainer.attention`): a graph compiled under one is served under the
+other, correct but at the other's speed, so clear it after switching kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from importlib.util import find_spec
+
+COMPILE_SETTINGS = (True, False, "auto")
+
+
+def check_compile(setting, name: str = "compile") -> None:
+    """A one-line error for a value that is not true, false or auto."""
+    if setting not in COMPILE_SETTINGS or isinstance(setting, int) and not isinstance(setting, bool):
+        raise ValueError(f"{name} must be true, false or auto, got {setting!r}")
+
+
+def compiler_found(cuda: bool) -> bool:
+    """Inductor's code generators: Triton for CUDA, a C++ compiler (the one Inductor calls:
+    $CXX, else g++, clang++ on macOS) for CPU."""
+    if cuda:
+        return find_spec("triton") is not None
+    return shutil.which(os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")) is not None
+
+
+def use_compile(setting, cuda: bool | None = None) -> bool:
+    """Resolve a `compile:` setting: `auto` compiles when `compiler_found` for the device the
+    job will run on (CUDA when available, unless `cuda` says otherwise)."""
+    check_compile(setting)
+    if setting != "auto":
+        return setting
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    return compiler_found(cuda)

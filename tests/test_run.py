@@ -20,7 +20,8 @@ TINY = {
                                    "intermediate_size": 128},
                       "train": {"batch_size": 8, "max_steps": 2}, "eval": {"max_scenes": 6}},
     "generation": {"num_query_tokens": 8, "dit": {"dim": 32, "depth": 1, "num_heads": 2, "multiple_of": 16},
-                   "flow": {"num_steps": 2}, "train": {"batch_size": 8, "max_steps": 2}},
+                   "flow": {"num_steps": 2},  # compiling would add a minute; tests/test_compile.py covers it
+                   "train": {"batch_size": 8, "max_steps": 2, "compile": False}},
     "decoder": {"block_out_channels": [8, 16], "cross_attention_dim": 16, "attention_head_dim": 8,
                 "norm_num_groups": 4, "train": {"batch_size": 8, "max_steps": 2},
                 "eval": {"num_images": 6, "num_inference_steps": 2}},

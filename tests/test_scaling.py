@@ -341,7 +341,7 @@ def test_fast_dev_run_configs_trained_here(name):
     cfg = load_config(name)
     cfg["trainer"] = {**cfg.get("trainer", {}), "accelerator": "cpu"}
     gen = cfg.setdefault("generation", {})
-    gen["train"] = {**gen.get("train", {}), "batch_size": 2}
+    gen["train"] = {**gen.get("train", {}), "batch_size": 2, "compile": False}  # tests/test_compile.py compiles
     _, width = build_clip_tower(cfg, "cpu")
     backbone = build_backbone(cfg, width, "cpu")[0].eval()
     data = CaptionFeatureDataset([["a red circle"], ["two blue squares"]] * 2, torch.randn(4, 64, width))

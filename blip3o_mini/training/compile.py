@@ -6,7 +6,7 @@ Why it pays on CPU: the toy NextDiT's matrices are 128 wide, so its step is most
 work (adaLN modulation, RMSNorms, RoPE, SwiGLU, tanh gates, autocast's dtype copies), one small
 kernel each. Inductor fuses them into a few C++ loops (`python benchmarks/bench_dit.py
 --size toy-config --dtype bf16 --batch 64 --attention auto --compile`). The first step pays the
-compilation (about two and a half minutes on the 2-core toy machine); Inductor caches it on disk
+compilation (about three minutes on the 2-core toy machine); Inductor caches it on disk
 (/tmp/torchinductor_$USER), so the next run starts in seconds. That cache does not tell the
 attention kernels apart (`trainer.attention`): a graph compiled under one is served under the
 other, correct but at the other's speed, so clear it after switching kernels.

@@ -132,7 +132,7 @@ class Blip3oGenerator(nn.Module):
             raise ValueError(f"features must be (B, {self.cfg.num_tokens}, {self.feature_dim}), "
                              f"got {tuple(features.shape)}")
         cond = self.condition(backbone, prompts)  # (B, Nq, K)
-        return self.flow.loss(dit or self.dit, self.normalize(features), cond, generator=generator)
+        return self.flow.loss(self.dit if dit is None else dit, self.normalize(features), cond, generator=generator)
 
     @torch.no_grad()
     def generate_features(self, backbone: QueryBackbone, prompts: list[str],

@@ -19,12 +19,10 @@ import shutil
 import sys
 from importlib.util import find_spec
 
-COMPILE_SETTINGS = (True, False, "auto")
-
 
 def check_compile(setting, name: str = "compile") -> None:
     """A one-line error for a value that is not true, false or auto."""
-    if setting not in COMPILE_SETTINGS or isinstance(setting, int) and not isinstance(setting, bool):
+    if not isinstance(setting, bool) and setting != "auto":
         raise ValueError(f"{name} must be true, false or auto, got {setting!r}")
 
 

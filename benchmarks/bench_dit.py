@@ -70,6 +70,34 @@ def lumina_velocity(model, cfg):
     return v
 
 
+def time_steps(runners: dict, args, cuda: bool) -> tuple[dict, dict, dict]:
+    """Warm every runner up, then time `args.rounds` x `args.steps` steps of each, interleaved:
+    wall and process CPU seconds per step, and peak GiB per runner on CUDA."""
+    import torch
+
+    for name, (_, step) in runners.items():
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            step()
+        if name == "ours, compiled":
+            print(f"compilation and {args.warmup} warm-up step(s): {time.perf_counter() - start:.0f} s")
+    times = {name: [] for name in runners}
+    cpu_times = {name: [] for name in runners}  # process CPU time: less sensitive to other load
+    peak = {}
+    for _ in range(args.rounds):
+        for name, (_, step) in runners.items():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(args.steps):
+                start, cpu_start = time.perf_counter(), time.process_time()
+                step()
+                times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - cpu_start)
+            if cuda:
+                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated() / 2**30)
+    return times, cpu_times, peak
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -137,30 +165,8 @@ def main() -> None:
 
         runners[name] = (model, step)
 
-    kernel = attention_kernel(args.attention, "cuda" if cuda else "cpu")
-    kernel.__enter__()  # every step, warm-up and compilation included, as in a stage
-    for name, (_, step) in runners.items():
-        start = time.perf_counter()
-        for _ in range(args.warmup):
-            step()
-        if name == "ours, compiled":
-            print(f"compilation and {args.warmup} warm-up step(s): {time.perf_counter() - start:.0f} s")
-    times = {name: [] for name in runners}
-    cpu_times = {name: [] for name in runners}  # process CPU time: less sensitive to other load
-    peak = {}
-    for _ in range(args.rounds):
-        for name, (_, step) in runners.items():
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            for _ in range(args.steps):
-                start, cpu_start = time.perf_counter(), time.process_time()
-                step()
-                times[name].append(time.perf_counter() - start)
-                cpu_times[name].append(time.process_time() - cpu_start)
-            if cuda:
-                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated() / 2**30)
-
-    kernel.__exit__(None, None, None)
+    with attention_kernel(args.attention, "cuda" if cuda else "cpu"):  # every step, warm-up and
+        times, cpu_times, peak = time_steps(runners, args, cuda)  # compilation included, as in a stage
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     device = torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
     print(f"device: {device}; load average {load:.1f}; torch {torch.__version__}")

@@ -3,6 +3,8 @@ does, `auto` falls back to eager without a compiler, and the setting never retra
 
 import shutil
 
+import blip3o_mini.training.compile as compile_setting
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from blip3o_mini.artifacts import fingerprint
 from blip3o_mini.generation_stage import training_section
 from blip3o_mini.training.compile import check_compile, compiler_found, use_compile
 from blip3o_mini.training.generation import GenerationModule, GenerationTrainConfig
+from blip3o_mini.training.generation_run import generation_run
 from test_generation import F, tiny_generator, wake_up
 from tiny_backbone import TinyBackbone  # tests/tiny_backbone.py
 
@@ -41,6 +44,21 @@ def test_auto_without_a_compiler_trains_the_eager_dit(monkeypatch):
     module.log = lambda *a, **k: None
     module.training_step((["a red circle"], torch.randn(1, 64, F)), 0)
     assert not module.compiled and module._dit_forward is None
+
+
+@pytest.mark.parametrize("accelerator, compiled", [("cpu", True), ("gpu", False)])
+def test_auto_looks_for_the_compiler_of_the_trainers_device(monkeypatch, accelerator, compiled):
+    # A GPU machine with a C++ compiler but no Triton: a CPU job compiles, a GPU job cannot.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(compile_setting, "find_spec", lambda name: None)
+    cfg = {"generation": {"num_query_tokens": 4, "feature_norm": "none",
+                          "dit": {"dim": 32, "depth": 1, "num_heads": 2, "multiple_of": 16},
+                          "train": {"batch_size": 2, "max_steps": 1, "compile": "auto"}},
+           "trainer": {"accelerator": accelerator, "precision": "32-true"}}
+    dataset = [("a red circle", torch.randn(64, F))] * 4
+    run = generation_run(cfg, TinyBackbone(), dataset, F)
+    assert run.module.compiled is compiled and run.data.drop_last is compiled
 
 
 @pytest.mark.skipif(not compiler_found(cuda=False), reason="torch.compile on CPU needs a C++ compiler (g++)")

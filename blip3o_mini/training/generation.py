@@ -87,7 +87,7 @@ class GenerationModule(L.LightningModule):
             self.generator.queries.requires_grad_(False)
         self.strict_loading = False  # checkpoints hold the generator only
         self.losses: list[tuple[int, float]] = []
-        self.compiled = use_compile(cfg.compile)
+        self.compiled = use_compile(cfg.compile)  # generation_run resolves it for the trainer's device
         self._dit_forward = None  # made at the first step, in the process that trains (ddp_spawn pickles us)
 
     def train(self, mode: bool = True):

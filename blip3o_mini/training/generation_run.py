@@ -19,6 +19,8 @@ import lightning as L
 from ..data.sharding import ShardedDataModule
 from ..describe import generation_configs
 from ..generation import Blip3oGenerator
+from .attention_kernel import runs_on_cpu
+from .compile import use_compile
 from .distributed import check_global_batch, merge_trainer_kwargs, stage_trainer_config, trainer_kwargs
 from .generation import GenerationModule, GenerationTrainConfig, collate
 
@@ -64,6 +66,9 @@ subclass and its batch format (tests/ddp_script.py adds sample indices for fixed
         module = module_cls(generator, backbone, train_cfg)
     else:
         module = generation_module(targets, generator, backbone, train_cfg, encoder)
+    # `compile: auto` looks for the compiler of the device the trainer runs on (a C++ compiler
+    # for `accelerator: cpu`, even on a machine with a GPU; Triton for GPUs), not this machine's.
+    module.compiled = use_compile(train_cfg.compile, cuda=not runs_on_cpu(tc.accelerator))
     # A compiled DiT wants one batch shape: an epoch's ragged last batch would compile it again.
     data = ShardedDataModule(dataset, train_cfg.batch_size, collate_fn=collate_fn, seed=train_cfg.seed,
                              num_workers=train_cfg.num_workers, drop_last=module.compiled)

@@ -30,6 +30,7 @@ from .artifacts import (atomic_write_json, fingerprint, load_tensors, mark_compl
 from .generation import Blip3oGenerator, GeneratorConfig
 from .run import StageResult, finish_on_rank_zero, remove_stale_checkpoints
 from .training.clip import TrainResult
+from .training.compile import without_speed_keys
 from .training.generation import CaptionFeatureDataset
 
 GENERATION_STAGE_VERSION = 1
@@ -74,18 +75,13 @@ def weights_hash(module: torch.nn.Module) -> str:
 
 
 SAMPLING_KEYS = ("num_steps", "guidance_scale", "sde_noise")  # generation.flow keys read only when sampling
-SPEED_KEYS = ("compile",)  # generation.train keys that change how fast it trains, not what
-
-
 def training_section(section: dict) -> dict:
     """The `generation:` section less the flow's sampling keys and the recipe's speed keys: the
     stage's fingerprint, so a change of sampling steps or CFG scale re-runs the evaluation, not
     the training, and switching `compile` keeps a trained stage."""
-    out = dict(section)
+    out = without_speed_keys(section)
     if "flow" in section:
         out["flow"] = {k: v for k, v in (section["flow"] or {}).items() if k not in SAMPLING_KEYS}
-    if "train" in section:
-        out["train"] = {k: v for k, v in (section["train"] or {}).items() if k not in SPEED_KEYS}
     return out
 
 

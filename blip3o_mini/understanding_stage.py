@@ -28,6 +28,7 @@ from .artifacts import atomic_write_json, fingerprint, mark_complete, stage_comp
 from .backbone import BackboneConfig, ToyBackbone
 from .config import build
 from .run import StageResult, finish_on_rank_zero, remove_stale_checkpoints
+from .training.compile import without_speed_keys
 from .training.distributed import stage_trainer_config
 from .training.understanding import UnderstandingTrainConfig, torch_threads
 
@@ -62,7 +63,8 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
 
     section = cfg.get("understanding", {})
     clip = upstream["clip"]
-    key = fingerprint("understanding", UNDERSTANDING_STAGE_VERSION, cfg.get("seed", 0), section, clip.key)
+    key = fingerprint("understanding", UNDERSTANDING_STAGE_VERSION, cfg.get("seed", 0), without_speed_keys(section),
+                      clip.key)  # switching `train.compile` keeps a trained stage
     out = Path(run_dir) / "understanding"
     if stage_complete(out, key):
         metrics = json.loads((out / "metrics.json").read_text())

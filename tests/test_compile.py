@@ -1,5 +1,6 @@
-"""`compile:` (training/compile.py): the DiT's compiled training step computes what the eager one
-does, `auto` falls back to eager without a compiler, and the setting never retrains a stage."""
+"""`compile:` (training/compile.py): the DiT's and the understanding backbone's compiled training
+steps compute what the eager ones do, `auto` falls back to eager without a compiler, and the
+setting never retrains a stage."""
 
 import shutil
 
@@ -10,10 +11,15 @@ import torch
 
 from blip3o_mini.artifacts import fingerprint
 from blip3o_mini.generation_stage import training_section
-from blip3o_mini.training.compile import check_compile, compiler_found, use_compile
+from blip3o_mini.training.compile import check_compile, compiler_found, use_compile, without_speed_keys
+from blip3o_mini.training.distributed import TrainerConfig
 from blip3o_mini.training.generation import GenerationModule, GenerationTrainConfig
 from blip3o_mini.training.generation_run import generation_run
+from blip3o_mini.training.packing import Packer
+from blip3o_mini.training.understanding import (UnderstandingModule, UnderstandingTrainConfig, collate,
+                                                conversation, train_understanding)
 from test_generation import F, tiny_generator, wake_up
+from test_understanding import ROWS, tiny_backbone, tok  # noqa: F401  (tok: a fixture)
 from tiny_backbone import TinyBackbone  # tests/tiny_backbone.py
 
 
@@ -83,3 +89,51 @@ def test_compiled_training_step_matches_the_eager_one():
         torch.testing.assert_close(g, eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)
     assert "_dit_forward" not in dict(module.named_modules()) and not any(
         "_orig_mod" in k for k in module.state_dict())  # the weights stay registered once
+
+
+# ------------------------------------------------------------------------------ the understanding recipe
+def test_understanding_compile_setting_is_checked_and_left_out_of_the_fingerprint():
+    with pytest.raises(ValueError, match="understanding.train.compile must be true, false or auto"):
+        UnderstandingTrainConfig(compile="yes")
+    section = {"backbone": {"hidden_size": 64}, "train": {"max_steps": 10}}
+    assert without_speed_keys({**section, "train": {"max_steps": 10, "compile": True}}) == section
+    assert without_speed_keys({"backbone": {}}) == {"backbone": {}}  # no train: section, nothing to drop
+
+
+@pytest.mark.skipif(not compiler_found(cuda=False), reason="torch.compile on CPU needs a C++ compiler (g++)")
+def test_compiled_understanding_step_matches_the_eager_one(tok):
+    rows = sorted(Packer(tok, 64).pack_many([conversation(r) for r in ROWS[:10]]), key=lambda r: len(r.input_ids))
+    feats = torch.randn(len(rows), 64, 16)
+    batches = [collate(list(zip(feats[:2], rows[:2])), tok.pad_token_id),  # the shortest rows ...
+               collate(list(zip(feats[-2:], rows[-2:])), tok.pad_token_id)]  # ... and the longest
+    assert batches[0]["input_ids"].shape[1] < batches[1]["input_ids"].shape[1]
+    bb = tiny_backbone(tok).train()
+    results = []
+    for setting in (False, True):
+        module = UnderstandingModule(bb, UnderstandingTrainConfig(compile=setting))
+        module.log = lambda *a, **k: None
+        for batch in batches:  # two row lengths: the compiled graph's T is symbolic
+            loss = module.training_step(batch, 0)
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in bb.named_parameters() if p.grad is not None}))
+            bb.zero_grad()
+    assert module.compiled and module._hidden is not None
+    for (eager_loss, eager_grads), (loss, grads) in zip(results[:2], results[2:]):
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-5)
+        assert grads.keys() == eager_grads.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(g, eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+    assert not any("_orig_mod" in k for k in module.state_dict())  # the weights stay registered once
+
+
+def test_train_understanding_resolves_auto_for_the_trainers_device(tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no C++ compiler ...
+    monkeypatch.setattr(compile_setting, "find_spec", lambda name: object())  # ... but Triton
+    cfg = UnderstandingTrainConfig(batch_size=4, max_steps=1, warmup_steps=1, compile="auto")
+    with monkeypatch.context() as gpu_machine:  # judged by the machine alone, a GPU one compiles
+        gpu_machine.setattr(torch.cuda, "is_available", lambda: True)
+        assert UnderstandingModule(tiny_backbone(tok), cfg).compiled
+    result = train_understanding(tiny_backbone(tok), torch.randn(4, 64, 16), ROWS[:4], cfg, tmp_path,
+                                 trainer=TrainerConfig(accelerator="cpu", precision="32-true"))
+    assert result.steps == 1  # a CPU job found no C++ compiler, so it trained eagerly
+    assert not result.trainer.lightning_module.compiled

@@ -20,6 +20,18 @@ import sys
 from importlib.util import find_spec
 
 
+SPEED_KEYS = ("compile",)  # `train:` keys that change how fast a stage trains, not what it learns
+
+
+def without_speed_keys(section: dict) -> dict:
+    """A stage's config section less its `train:` speed keys: what the stage's fingerprint
+    hashes, so switching `compile` keeps a trained stage."""
+    out = dict(section)
+    if "train" in section:
+        out["train"] = {k: v for k, v in (section["train"] or {}).items() if k not in SPEED_KEYS}
+    return out
+
+
 def check_compile(setting, name: str = "compile") -> None:
     """A one-line error for a value that is not true, false or auto."""
     if not isinstance(setting, bool) and setting != "auto":

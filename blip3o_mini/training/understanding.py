@@ -31,7 +31,9 @@ from ..backbone import ToyBackbone
 from ..data.dataset import scene_of
 from ..data.text import QUESTION_TYPES, count_turns, position_turns, relation_turns
 from ..tokenizer import CAPTION_PROMPT
+from .attention_kernel import runs_on_cpu
 from .clip import TrainResult  # the same result record as the CLIP and generation recipes
+from .compile import check_compile, use_compile
 from .distributed import TrainerConfig, make_trainer
 from .packing import IGNORE, Packer, PackedRow, collate_rows, packed_attention_mask
 from .schedule import warmup_cosine
@@ -56,6 +58,12 @@ class UnderstandingTrainConfig:
     relation_turns: bool = False  # also train every pair's relation question (data.text.relation_turns)
     count_turns: bool = False  # also train every shape's count question (data.text.count_turns)
     type_loss_every: int = 0  # every N steps the answer loss on held-out questions of each type (0: off)
+    # torch.compile the backbone's training forward (projector + LM): true, false or auto (where a
+    # compiler is found; training/compile.py). A speed setting, left out of the stage's fingerprint.
+    compile: bool | str = False
+
+    def __post_init__(self):
+        check_compile(self.compile, "understanding.train.compile")
 
 
 @contextlib.contextmanager
@@ -157,6 +165,8 @@ class UnderstandingModule(L.LightningModule):
         self.loss_history: list[tuple[int, float]] = []  # (step, loss), kept in the checkpoint
         self.type_loss_history: dict[str, list[tuple[int, float]]] = {t: [] for t in self.watch}
         self.started = time.perf_counter()
+        self.compiled = use_compile(cfg.compile)  # train_understanding resolves it for the trainer's device
+        self._hidden = None  # the compiled `backbone.hidden`, made at the first training step
 
     @torch.no_grad()
     def type_losses(self) -> dict[str, float]:
@@ -164,14 +174,21 @@ class UnderstandingModule(L.LightningModule):
         return {t: float(self.loss({k: v.to(self.device) for k, v in batch.items()}))
                 for t, batch in self.watch.items()}
 
-    def loss(self, batch: dict) -> torch.Tensor:
+    def loss(self, batch: dict, hidden_fn: Callable | None = None) -> torch.Tensor:
+        """`hidden_fn`: what computes the states, by default `backbone.hidden` (training passes
+        its compiled form)."""
         mask = packed_attention_mask(batch["segments"])  # (B, 1, T, T)
-        hidden = self.backbone.hidden(batch["input_ids"], batch["image_features"], mask,
-                                      batch["position_ids"])  # (B, T, H)
+        hidden = (hidden_fn or self.backbone.hidden)(batch["input_ids"], batch["image_features"], mask,
+                                                     batch["position_ids"])  # (B, T, H)
         return answer_loss(hidden, batch["labels"], self.backbone.lm.lm_head)
 
     def training_step(self, batch, batch_idx):
-        loss = self.loss(batch)
+        if self.compiled and self._hidden is None:
+            # Rows differ in length, so one graph with a symbolic T serves every batch. A compiled
+            # function, not a submodule: the weights stay registered once, and the held-out losses
+            # and evaluation (no gradients, other shapes) keep the eager backbone.
+            self._hidden = torch.compile(self.backbone.hidden, dynamic=True)
+        loss = self.loss(batch, self._hidden)
         self.log("train/loss", loss, prog_bar=True)
         step, last = int(self.global_step), self.global_step == self.cfg.max_steps - 1
         if step % self.cfg.log_every == 0 or last:
@@ -231,12 +248,14 @@ def train_understanding(backbone: ToyBackbone, features: torch.Tensor, rows: lis
                         collate_fn=lambda b: collate(b, pad_id))
     watch = type_batches(*held_out, packer) if held_out is not None and cfg.type_loss_every else None
     module = UnderstandingModule(backbone, cfg, watch)
+    trainer = trainer or TrainerConfig(precision=cfg.precision)
+    module.compiled = use_compile(cfg.compile, cuda=not runs_on_cpu(trainer.accelerator))  # the trainer's device
     last = Path(ckpt_dir) / "last.ckpt"
     resumed = None
     if last.exists():  # our own Lightning checkpoint, written by this function
         resumed = int(torch.load(last, map_location="cpu", weights_only=True).get("global_step", 0))
     fit = make_trainer(
-        trainer or TrainerConfig(precision=cfg.precision), max_steps=cfg.max_steps, gradient_clip_val=cfg.grad_clip,
+        trainer, max_steps=cfg.max_steps, gradient_clip_val=cfg.grad_clip,
         logger=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=True,
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                    every_n_train_steps=cfg.checkpoint_every)],

@@ -117,7 +117,7 @@ def test_compiled_understanding_step_matches_the_eager_one(tok):
             loss.backward()
             results.append((loss.detach(), {n: p.grad.clone() for n, p in bb.named_parameters() if p.grad is not None}))
             bb.zero_grad()
-    assert module.compiled and module._hidden is not None
+    assert module.compiled and module._run_lm is not None
     for (eager_loss, eager_grads), (loss, grads) in zip(results[:2], results[2:]):
         torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-5)
         assert grads.keys() == eager_grads.keys()

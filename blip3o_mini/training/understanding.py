@@ -58,7 +58,7 @@ class UnderstandingTrainConfig:
     relation_turns: bool = False  # also train every pair's relation question (data.text.relation_turns)
     count_turns: bool = False  # also train every shape's count question (data.text.count_turns)
     type_loss_every: int = 0  # every N steps the answer loss on held-out questions of each type (0: off)
-    # torch.compile the backbone's training forward (projector + LM): true, false or auto (where a
+    # torch.compile the LM's training forward: true, false or auto (where a
     # compiler is found; training/compile.py). A speed setting, left out of the stage's fingerprint.
     compile: bool | str = False
 
@@ -166,7 +166,7 @@ class UnderstandingModule(L.LightningModule):
         self.type_loss_history: dict[str, list[tuple[int, float]]] = {t: [] for t in self.watch}
         self.started = time.perf_counter()
         self.compiled = use_compile(cfg.compile)  # train_understanding resolves it for the trainer's device
-        self._hidden = None  # the compiled `backbone.hidden`, made at the first training step
+        self._run_lm = None  # the compiled `backbone.run_lm`, made at the first training step
 
     @torch.no_grad()
     def type_losses(self) -> dict[str, float]:
@@ -174,21 +174,22 @@ class UnderstandingModule(L.LightningModule):
         return {t: float(self.loss({k: v.to(self.device) for k, v in batch.items()}))
                 for t, batch in self.watch.items()}
 
-    def loss(self, batch: dict, hidden_fn: Callable | None = None) -> torch.Tensor:
-        """`hidden_fn`: what computes the states, by default `backbone.hidden` (training passes
-        its compiled form)."""
+    def loss(self, batch: dict, run_lm: Callable | None = None) -> torch.Tensor:
+        """`run_lm`: what runs the LM on the spliced embeddings, by default `backbone.run_lm`
+        (training passes its compiled form)."""
         mask = packed_attention_mask(batch["segments"])  # (B, 1, T, T)
-        hidden = (hidden_fn or self.backbone.hidden)(batch["input_ids"], batch["image_features"], mask,
-                                                     batch["position_ids"])  # (B, T, H)
+        embeds = self.backbone.embed(batch["input_ids"], batch["image_features"])  # (B, T, H)
+        hidden = (run_lm or self.backbone.run_lm)(embeds, mask, batch["position_ids"])  # (B, T, H)
         return answer_loss(hidden, batch["labels"], self.backbone.lm.lm_head)
 
     def training_step(self, batch, batch_idx):
-        if self.compiled and self._hidden is None:
+        if self.compiled and self._run_lm is None:
+            # The LM is nearly all of the step (the projector and the splice are a few small ops).
             # Rows differ in length, so one graph with a symbolic T serves every batch. A compiled
             # function, not a submodule: the weights stay registered once, and the held-out losses
-            # and evaluation (no gradients, other shapes) keep the eager backbone.
-            self._hidden = torch.compile(self.backbone.hidden, dynamic=True)
-        loss = self.loss(batch, self._hidden)
+            # and evaluation (no gradients, other shapes) keep the eager LM.
+            self._run_lm = torch.compile(self.backbone.run_lm, dynamic=True)
+        loss = self.loss(batch, self._run_lm)
         self.log("train/loss", loss, prog_bar=True)
         step, last = int(self.global_step), self.global_step == self.cfg.max_steps - 1
         if step % self.cfg.log_every == 0 or last:

@@ -199,7 +199,7 @@ class UnderstandingModule(L.LightningModule):
                 self.type_loss_history[t].append((step, value))
         if self.cfg.print_every and (step + 1) % self.cfg.print_every == 0:
             held_out = "  ".join(f"{t} {h[-1][1]:.3f}" for t, h in self.type_loss_history.items() if h)
-            print(f"step {step + 1}/{self.cfg.max_steps}  loss {float(loss):.4f}  "
+            print(f"step {step + 1}/{self.cfg.max_steps}  loss {float(loss.detach()):.4f}  "
                   f"{time.perf_counter() - self.started:.0f} s" + (f"  held-out: {held_out}" if held_out else ""),
                   flush=True)
         return loss

@@ -75,6 +75,8 @@ def weights_hash(module: torch.nn.Module) -> str:
 
 
 SAMPLING_KEYS = ("num_steps", "guidance_scale", "sde_noise")  # generation.flow keys read only when sampling
+
+
 def training_section(section: dict) -> dict:
     """The `generation:` section less the flow's sampling keys and the recipe's speed keys: the
     stage's fingerprint, so a change of sampling steps or CFG scale re-runs the evaluation, not

@@ -141,7 +141,7 @@ def generation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
 
 
 def train_metrics(result: TrainResult, generator: Blip3oGenerator) -> dict:
-    return result.metrics() | {"num_params_trainable": sum(p.numel() for p in generator.parameters())}
+    return result.metrics() | result.extra | {"num_params_trainable": sum(p.numel() for p in generator.parameters())}
 
 
 def write_generator_stage(out: Path, key: str, generator: Blip3oGenerator, result: TrainResult, metrics: dict,
@@ -195,7 +195,7 @@ def train(cfg: dict, generator: Blip3oGenerator, backbone, dataset, ckpt_dir: Pa
     generator.eval().cpu()
     backbone.cpu()
     return TrainResult(run.module.losses, int(trainer.global_step), time.perf_counter() - start, resumed,
-                       trainer=trainer)
+                       trainer=trainer, extra={"train_compiled": run.module.compiled})
 
 
 def _summary(m: dict, name: str = "generation") -> str:

@@ -136,4 +136,4 @@ def test_train_understanding_resolves_auto_for_the_trainers_device(tok, tmp_path
     result = train_understanding(tiny_backbone(tok), torch.randn(4, 64, 16), ROWS[:4], cfg, tmp_path,
                                  trainer=TrainerConfig(accelerator="cpu", precision="32-true"))
     assert result.steps == 1  # a CPU job found no C++ compiler, so it trained eagerly
-    assert not result.trainer.lightning_module.compiled
+    assert not result.trainer.lightning_module.compiled and result.extra["train_compiled"] is False  # in metrics.json

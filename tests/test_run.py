@@ -18,9 +18,9 @@ TINY = {
     "clip": {"train": {"batch_size": 16, "max_steps": 2}},
     "understanding": {"backbone": {"hidden_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
                                    "intermediate_size": 128},
-                      "train": {"batch_size": 8, "max_steps": 2}, "eval": {"max_scenes": 6}},
+                      "train": {"batch_size": 8, "max_steps": 2, "compile": False}, "eval": {"max_scenes": 6}},
     "generation": {"num_query_tokens": 8, "dit": {"dim": 32, "depth": 1, "num_heads": 2, "multiple_of": 16},
-                   "flow": {"num_steps": 2},  # compiling would add a minute; tests/test_compile.py covers it
+                   "flow": {"num_steps": 2},  # compiling would add minutes; tests/test_compile.py covers it
                    "train": {"batch_size": 8, "max_steps": 2, "compile": False}},
     "decoder": {"block_out_channels": [8, 16], "cross_attention_dim": 16, "attention_head_dim": 8,
                 "norm_num_groups": 4, "train": {"batch_size": 8, "max_steps": 2},
@@ -65,6 +65,8 @@ def test_report_has_the_promised_keys(tiny_run):
     # the precision each stage trained in: a recipe's bf16 is fp32 on a CPU without bf16 instructions
     assert all(report["stages"][s]["train_precision"] in ("32-true", "bf16-mixed")
                for s in ("clip", "understanding", "generation", "decoder"))
+    # and whether its model was compiled (`compile:`; TINY sets false, test_compile.py compiles)
+    assert all(report["stages"][s]["train_compiled"] is False for s in ("understanding", "generation"))
     assert "GenEval-mini" in (out / "report.md").read_text()
 
 

@@ -272,4 +272,5 @@ def train_understanding(backbone: ToyBackbone, features: torch.Tensor, rows: lis
     curves = {"type_loss": module.type_loss_history} if watch else {}
     return TrainResult(module.loss_history, steps, seconds, resumed, trainer=fit, curves=curves,
                        extra={"rows_per_epoch": len(data), "tokens_per_row": round(tokens_per_row, 1),
+                              "train_compiled": module.compiled,
                               "epochs": round(steps * cfg.batch_size / max(1, len(data)), 2)})

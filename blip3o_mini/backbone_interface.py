@@ -124,10 +124,11 @@ class Backbone(nn.Module):
         return generation_prompt(self.tokenizer, prompt, with_image)
 
     # shared by every implementation
-    def query_states(self, prompts: list[str], query_embeds: torch.Tensor) -> torch.Tensor:
+    def query_states(self, prompts: list[str], query_embeds: torch.Tensor, run_lm=None) -> torch.Tensor:
         """Chat prompt (a generation request) + `[IMG]` + Nq query embeddings -> the last-layer
         states at the query positions (B, Nq, H). Rows are left-padded so the queries of every
-        row sit at the end; positions count real tokens only (padded == one by one)."""
+        row sit at the end; positions count real tokens only (padded == one by one). `run_lm`:
+        what runs the LM, by default `self.run_lm` (stage 2's training passes its compiled form)."""
         if isinstance(prompts, str):
             raise ValueError("prompts must be a list of strings, got a single string; wrap it in [ ]")
         B = len(prompts)
@@ -143,7 +144,7 @@ class Backbone(nn.Module):
         text = self.embed_text(enc["input_ids"])  # (B, T, H)
         embeds = torch.cat([text, query_embeds.to(text.device, text.dtype)], 1)  # (B, T + Nq, H)
         mask = torch.cat([enc["attention_mask"], enc["attention_mask"].new_ones(B, Nq)], 1)  # (B, T + Nq)
-        states = self.run_lm(embeds, mask, positions_from_mask(mask))  # (B, T + Nq, H)
+        states = (run_lm or self.run_lm)(embeds, mask, positions_from_mask(mask))  # (B, T + Nq, H)
         return states[:, -Nq:]  # (B, Nq, H)
 
     def freeze(self) -> "Backbone":

@@ -114,24 +114,27 @@ class Blip3oGenerator(nn.Module):
         return x * self.feature_std + self.feature_mean  # (B, N, F)
 
     # -- the condition ---------------------------------------------------------------
-    def condition(self, backbone: QueryBackbone, prompts: list[str], chunk_size: int | None = None) -> Tensor:
+    def condition(self, backbone: QueryBackbone, prompts: list[str], chunk_size: int | None = None,
+                  run_lm=None) -> Tensor:
         """Q: the frozen backbone's last-layer states at the query positions, (B, Nq, K).
         With `chunk_size`, the prompts go through the backbone that many at a time (thousands
-        of prompts at once would hold the LM's activations for all of them)."""
+        of prompts at once would hold the LM's activations for all of them). `run_lm`: the
+        backbone's LM in another form (training passes the compiled one)."""
+        extra = {} if run_lm is None else {"run_lm": run_lm}  # a QueryBackbone need not take it
         if chunk_size is None or len(prompts) <= chunk_size:
-            return backbone.query_states(prompts, self.queries)
-        return torch.cat([backbone.query_states(prompts[i:i + chunk_size], self.queries)
+            return backbone.query_states(prompts, self.queries, **extra)
+        return torch.cat([backbone.query_states(prompts[i:i + chunk_size], self.queries, **extra)
                           for i in range(0, len(prompts), chunk_size)])  # (B, Nq, K)
 
     def loss(self, backbone: QueryBackbone, prompts: list[str], features: Tensor,
-             generator: torch.Generator | None = None, dit=None) -> FlowLoss:
+             generator: torch.Generator | None = None, dit=None, run_lm=None) -> FlowLoss:
         """Flow-matching loss for CLIP `features` (B, N, F) of images described by `prompts`.
-        `dit`: what computes the velocity, by default `self.dit` (training passes its compiled
-        forward)."""
+        `dit`: what computes the velocity, by default `self.dit`; `run_lm`: what runs the
+        backbone's LM, by default its own (training passes the compiled forms of both)."""
         if features.shape[1:] != (self.cfg.num_tokens, self.feature_dim):
             raise ValueError(f"features must be (B, {self.cfg.num_tokens}, {self.feature_dim}), "
                              f"got {tuple(features.shape)}")
-        cond = self.condition(backbone, prompts)  # (B, Nq, K)
+        cond = self.condition(backbone, prompts, run_lm=run_lm)  # (B, Nq, K)
         return self.flow.loss(self.dit if dit is None else dit, self.normalize(features), cond, generator=generator)
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from blip3o_mini.artifacts import fingerprint
+from blip3o_mini.backbone import BackboneConfig, ToyBackbone
 from blip3o_mini.generation_stage import training_section
 from blip3o_mini.training.compile import check_compile, compiler_found, use_compile, without_speed_keys
 from blip3o_mini.training.distributed import TrainerConfig
@@ -67,10 +68,19 @@ def test_auto_looks_for_the_compiler_of_the_trainers_device(monkeypatch, acceler
     assert run.module.compiled is compiled and run.data.drop_last is compiled
 
 
-@pytest.mark.skipif(not compiler_found(cuda=False), reason="torch.compile on CPU needs a C++ compiler (g++)")
-def test_compiled_training_step_matches_the_eager_one():
+def toy_lm_backbone(tok):
+    """A real `Backbone` (the toy LM, width K): its LM pass for Q is compiled too."""
     torch.manual_seed(0)
-    gen, bb = tiny_generator(), TinyBackbone().eval()
+    cfg = BackboneConfig(vision_dim=16, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    return ToyBackbone(cfg, tok).freeze()
+
+
+@pytest.mark.skipif(not compiler_found(cuda=False), reason="torch.compile on CPU needs a C++ compiler (g++)")
+@pytest.mark.parametrize("backbone", ["tiny stand-in", "toy LM"])
+def test_compiled_training_step_matches_the_eager_one(tok, backbone):
+    torch.manual_seed(0)
+    gen = tiny_generator()
+    bb = TinyBackbone().eval() if backbone == "tiny stand-in" else toy_lm_backbone(tok)
     wake_up(gen.dit)
     prompts, feats = ["a red circle", "two blue squares"], torch.randn(2, 64, F)
     results = []
@@ -83,6 +93,7 @@ def test_compiled_training_step_matches_the_eager_one():
         results.append((loss.detach(), {n: p.grad.clone() for n, p in gen.named_parameters()}))
         gen.zero_grad()
     assert module.compiled and module._dit_forward is not None
+    assert (module._run_lm is not None) == (backbone == "toy LM")  # only a `Backbone` has run_lm
     (eager_loss, eager_grads), (loss, grads) = results
     torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-5)
     for name, g in grads.items():  # the queries' too: the gradient still flows back through Q

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..backbone_interface import Backbone
 from ..generation import Blip3oGenerator
 from .compile import check_compile, use_compile
 from .schedule import warmup_cosine
@@ -89,6 +90,7 @@ class GenerationModule(L.LightningModule):
         self.losses: list[tuple[int, float]] = []
         self.compiled = use_compile(cfg.compile)  # generation_run resolves it for the trainer's device
         self._dit_forward = None  # made at the first step, in the process that trains (ddp_spawn pickles us)
+        self._run_lm = None  # the backbone's LM, compiled likewise (a `Backbone`'s; None for other QueryBackbones)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -101,7 +103,9 @@ class GenerationModule(L.LightningModule):
             # A compiled *function*, not a submodule: the DiT's weights stay registered once, under
             # `generator.dit`, and sampling (other batch shapes) keeps the eager DiT.
             self._dit_forward = torch.compile(self.generator.dit.forward, dynamic=False)
-        out = self.generator.loss(self.backbone, prompts, features, dit=self._dit_forward)
+            if isinstance(self.backbone, Backbone):  # Q's pass: prompts differ in length, so a symbolic T
+                self._run_lm = torch.compile(self.backbone.run_lm, dynamic=True)
+        out = self.generator.loss(self.backbone, prompts, features, dit=self._dit_forward, run_lm=self._run_lm)
         self.log("train/loss", out.loss, prog_bar=True)
         if self.global_step % self.cfg.log_every == 0:
             self.losses.append((int(self.global_step), float(out.loss.detach())))

@@ -11,6 +11,7 @@ import torch
 
 from blip3o_mini.artifacts import fingerprint
 from blip3o_mini.backbone import BackboneConfig, ToyBackbone
+from blip3o_mini.config import load_config
 from blip3o_mini.generation_stage import training_section
 from blip3o_mini.training.compile import check_compile, compiler_found, use_compile, without_speed_keys
 from blip3o_mini.training.distributed import TrainerConfig
@@ -109,6 +110,16 @@ def test_understanding_compile_setting_is_checked_and_left_out_of_the_fingerprin
     section = {"backbone": {"hidden_size": 64}, "train": {"max_steps": 10}}
     assert without_speed_keys({**section, "train": {"max_steps": 10, "compile": True}}) == section
     assert without_speed_keys({"backbone": {}}) == {"backbone": {}}  # no train: section, nothing to drop
+    assert without_speed_keys({"train": {"compile": "auto"}}) == {}  # toy.yaml's understanding: section
+
+
+def test_compile_settings_keep_the_toy_runs_stage_fingerprints():
+    """toy.yaml's `compile: auto` lines must not retrain the stages of a toy run made before them."""
+    toy = load_config("toy")
+    before = {"understanding": {}, "generation": {k: v for k, v in toy["generation"].items() if k != "train"}
+              | {"train": {k: v for k, v in toy["generation"]["train"].items() if k != "compile"}}}
+    assert without_speed_keys(toy.get("understanding", {})) == before["understanding"]
+    assert training_section(toy["generation"]) == training_section(before["generation"])
 
 
 @pytest.mark.skipif(not compiler_found(cuda=False), reason="torch.compile on CPU needs a C++ compiler (g++)")

@@ -28,10 +28,13 @@ SPEED_KEYS = ("compile",)  # `train:` keys that change how fast a stage trains, 
 
 def without_speed_keys(section: dict) -> dict:
     """A stage's config section less its `train:` speed keys: what the stage's fingerprint
-    hashes, so switching `compile` keeps a trained stage."""
+    hashes, so switching `compile` keeps a trained stage. A `train:` left empty goes too: a
+    section that only sets `compile` hashes like no section at all."""
     out = dict(section)
     if "train" in section:
         out["train"] = {k: v for k, v in (section["train"] or {}).items() if k not in SPEED_KEYS}
+        if not out["train"]:
+            del out["train"]
     return out
 
 

@@ -2,8 +2,8 @@
 recipe's `train:` section): `true`, `false`, or `auto`, which compiles where a compiler is
 found and runs eagerly elsewhere, so one config serves a laptop without one.
 
-Two recipes read it: `generation.train.compile` (the DiT's training forward) and
-`understanding.train.compile` (the LM's). Why it pays on CPU: the toy NextDiT's matrices are 128
+Two recipes read it: `generation.train.compile` (the DiT's training forward and the frozen LM's
+pass that makes Q) and `understanding.train.compile` (the LM's training forward). Why it pays on CPU: the toy NextDiT's matrices are 128
 wide and the toy LM's 256, so their steps are mostly elementwise work (adaLN modulation,
 RMSNorms, RoPE, SwiGLU, tanh gates, masks, autocast's dtype copies), one small kernel each.
 Inductor fuses them into a few C++ loops (`python benchmarks/bench_dit.py --size toy-config

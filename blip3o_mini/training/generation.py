@@ -36,8 +36,9 @@ class GenerationTrainConfig:
     num_workers: int = 0
     checkpoint_every: int = 200
     seed: int = 0
-    # torch.compile the DiT's training forward: true, false or auto (where a compiler is found;
-    # training/compile.py). A speed setting, left out of the stage's fingerprint.
+    # torch.compile the DiT's training forward and the LM's pass for Q: true, false or auto
+    # (where a compiler is found; training/compile.py). A speed setting, left out of the stage's
+    # fingerprint.
     compile: bool | str = False
 
     def __post_init__(self):

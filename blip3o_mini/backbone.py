@@ -208,10 +208,11 @@ class ToyBackbone(Backbone):
         image_embeds = self.positions(self.projector(image_features.to(embeds.dtype)))  # (B, N / m^2, H)
         return splice_image_embeds(embeds, input_ids, self.image_token_id, image_embeds)  # (B, T, H)
 
-    def hidden(self, input_ids, image_features, attention_mask, position_ids) -> torch.Tensor:
+    def hidden(self, input_ids, image_features, attention_mask, position_ids, run_lm=None) -> torch.Tensor:
         """Last-layer states (B, T, H) of token ids with CLIP tokens (B, N, D) spliced in; the
-        mask may be 2D (B, T) padding or 4D (B, 1, T, T) packed (see training.packing)."""
-        return self.run_lm(self.embed(input_ids, image_features), attention_mask, position_ids)
+        mask may be 2D (B, T) padding or 4D (B, 1, T, T) packed (see training.packing). `run_lm`:
+        what runs the LM, by default `self.run_lm` (training passes its compiled form)."""
+        return (run_lm or self.run_lm)(self.embed(input_ids, image_features), attention_mask, position_ids)
 
     def prompt_batch(self, questions: list[str], with_image: bool = True) -> dict:
         """Left-padded ids (B, T) + mask of the chat-formatted questions, image placeholders

@@ -178,8 +178,8 @@ class UnderstandingModule(L.LightningModule):
         """`run_lm`: what runs the LM on the spliced embeddings, by default `backbone.run_lm`
         (training passes its compiled form)."""
         mask = packed_attention_mask(batch["segments"])  # (B, 1, T, T)
-        embeds = self.backbone.embed(batch["input_ids"], batch["image_features"])  # (B, T, H)
-        hidden = (run_lm or self.backbone.run_lm)(embeds, mask, batch["position_ids"])  # (B, T, H)
+        hidden = self.backbone.hidden(batch["input_ids"], batch["image_features"], mask,
+                                      batch["position_ids"], run_lm=run_lm)  # (B, T, H)
         return answer_loss(hidden, batch["labels"], self.backbone.lm.lm_head)
 
     def training_step(self, batch, batch_idx):

@@ -6,7 +6,8 @@ Mirrors BLIP3-o's generation head (arXiv 2505.09568, section 3; official code
 What is mirrored, block by block:
 
 - tokens: patch size 1 on the 8x8 grid of CLIP tokens, so the "patch embedding" is one Linear
-  per token; 2D RoPE (half of each head's channels rotate with the row, half with the column,
+  per token (`patch_size: 2`, Lumina-Next's own default, folds each 2x2 block of tokens into
+  one: a 4x4 grid of 16 tokens, a quarter of the work per image); 2D RoPE (half of each head's channels rotate with the row, half with the column,
   theta 10000), applied to queries and keys of self-attention and to the *queries only* of
   cross-attention (the condition has no positions);
 - qk-norm: LayerNorm across all heads on q and k before the head split (diffusers'
@@ -37,7 +38,7 @@ Simplified or changed, and why:
   columns) instead of interleaved, a fixed channel permutation with the same relative-position
   property.
 
-Shape glossary: B batch, N = grid*grid image tokens (64), Nq condition tokens, D model width
+Shape glossary: B batch, N = grid*grid image tokens (64), P patch size, Nq condition tokens, D model width
 (`dim`), H heads, Dh = D / H head width, C = min(D, 1024) conditioning width, F feature width
 (`in_dim`, the CLIP width), K = `cond_dim` (the LLM width).
 """
@@ -65,6 +66,7 @@ class DiTConfig:
     depth: int = 6
     num_heads: int = 4  # H; head width D/H must be a multiple of 4 for 2D RoPE
     grid: int = 8  # tokens form a grid x grid image: N = 64
+    patch_size: int = 1  # P: P x P tokens of the grid become one DiT token (N / P^2 of them)
     ffn_mult: float = 8 / 3
     multiple_of: int = 256
     norm_eps: float = 1e-5
@@ -76,6 +78,13 @@ class DiTConfig:
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 4:
             raise ValueError(f"dim {self.dim} / num_heads {self.num_heads} must give a head width "
                              "divisible by 4 (2D RoPE rotates pairs along two axes)")
+        if self.patch_size < 1 or self.grid % self.patch_size:
+            raise ValueError(f"patch_size {self.patch_size} must divide the grid {self.grid} "
+                             "(set generation.dit.patch_size to 1, or to a divisor of the grid)")
+
+    @property
+    def token_grid(self) -> int:  # the DiT's own grid: grid / P tokens a side
+        return self.grid // self.patch_size
 
     @property
     def head_dim(self) -> int:
@@ -228,10 +237,10 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
         self.scale = nn.Sequential(nn.SiLU(), nn.Linear(cfg.cond_embed_dim, cfg.dim))
-        self.linear = nn.Linear(cfg.dim, cfg.in_dim)
+        self.linear = nn.Linear(cfg.dim, cfg.in_dim * cfg.patch_size ** 2)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        return self.linear(self.norm(x) * (1 + self.scale(c)[:, None]))  # (B, N, F)
+        return self.linear(self.norm(x) * (1 + self.scale(c)[:, None]))  # (B, N/P^2, P^2 F)
 
 
 # ---------------------------------------------------------------------------- the model
@@ -241,12 +250,12 @@ class NextDiT(nn.Module):
     def __init__(self, cfg: DiTConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or DiTConfig()
-        self.x_embed = nn.Linear(cfg.in_dim, cfg.dim)  # patch size 1: one Linear per token
+        self.x_embed = nn.Linear(cfg.in_dim * cfg.patch_size ** 2, cfg.dim)  # one Linear per patch
         self.cond_proj = CaptionProjection(cfg.cond_dim, cfg.dim)
         self.time_cond = TimeCondEmbedding(cfg)
         self.blocks = nn.ModuleList(NextDiTBlock(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg)
-        self.register_buffer("positions", grid_positions(cfg.grid), persistent=False)  # (N, 2)
+        self.register_buffer("positions", grid_positions(cfg.token_grid), persistent=False)  # (N/P^2, 2)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -287,11 +296,22 @@ class NextDiT(nn.Module):
 
         cond = self.cond_proj(cond)  # (B, Nq, D)
         c = self.time_cond(t, cond, cond_mask)  # (B, C)
-        x = self.x_embed(x_t)  # (B, N, D)
-        angles = rope_angles(self.positions, cfg.head_dim, cfg.rope_theta)  # (N, Dh/2)
+        x = self.x_embed(self.patchify(x_t))  # (B, N/P^2, D)
+        angles = rope_angles(self.positions, cfg.head_dim, cfg.rope_theta)  # (N/P^2, Dh/2)
         for block in self.blocks:
             if cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, cond, attn_mask, angles, use_reentrant=False)
             else:
-                x = block(x, c, cond, attn_mask, angles)  # (B, N, D)
-        return self.final(x, c)  # (B, N, F)
+                x = block(x, c, cond, attn_mask, angles)  # (B, N/P^2, D)
+        return self.unpatchify(self.final(x, c))  # (B, N, F)
+
+    def patchify(self, x: Tensor) -> Tensor:
+        """(B, N, F) tokens in raster order -> (B, N/P^2, P^2 F): each P x P block of the grid,
+        in raster order of blocks, its tokens' features concatenated row by row."""
+        P, G = self.cfg.patch_size, self.cfg.token_grid
+        return rearrange(x, "b (gh ph gw pw) f -> b (gh gw) (ph pw f)", gh=G, gw=G, ph=P, pw=P)
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """The inverse of `patchify`: (B, N/P^2, P^2 F) -> (B, N, F)."""
+        P, G = self.cfg.patch_size, self.cfg.token_grid
+        return rearrange(x, "b (gh gw) (ph pw f) -> b (gh ph gw pw) f", gh=G, gw=G, ph=P, pw=P)

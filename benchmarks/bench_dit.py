@@ -1,10 +1,12 @@
 """Time one DiT training step (forward + backward + AdamW) of our NextDiT against diffusers'
-`LuminaNextDiT2DModel` at the same width, depth, heads and tokens (8x8 grid, patch 1).
+`LuminaNextDiT2DModel` at the same width, depth, heads and tokens (8x8 grid, patch 1 unless
+`--patch-size` says otherwise).
 
     python benchmarks/bench_dit.py                                   # toy size, CPU, fp32
     python benchmarks/bench_dit.py --device cuda --size full --dtype bf16 --batch 32
     python benchmarks/bench_dit.py --size toy-config --dtype bf16 --batch 64 --attention auto --compile
                                                                       # the toy stage's DiT step, eager and compiled
+    python benchmarks/bench_dit.py --size toy-config --dtype bf16 --batch 64 --attention auto --compile --patch-size 2
 
 Both models train with the same flow-matching loss (`blip3o_mini.flow.FlowMatching`) on the
 same random tensors in one process; steps alternate between the two models in rounds so that
@@ -30,7 +32,9 @@ import statistics
 import time
 
 
-def build_models(size: str, device: str):
+def build_models(size: str, device: str, patch_size: int | None = None, dim: int | None = None):
+    import dataclasses
+
     import torch
     from diffusers import LuminaNextDiT2DModel
 
@@ -43,9 +47,10 @@ def build_models(size: str, device: str):
         cfg = build_components(load_config("toy")).generator.dit_cfg
     else:
         cfg = DiTConfig(**FULL_DIT) if size == "full" else DiTConfig()
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in (("patch_size", patch_size), ("dim", dim)) if v is not None})
     ours = NextDiT(cfg)
     theirs = LuminaNextDiT2DModel(
-        sample_size=cfg.grid, patch_size=1, in_channels=cfg.in_dim, hidden_size=cfg.dim,
+        sample_size=cfg.grid, patch_size=cfg.patch_size, in_channels=cfg.in_dim, hidden_size=cfg.dim,
         num_layers=cfg.depth, num_attention_heads=cfg.num_heads, num_kv_heads=cfg.num_heads,
         multiple_of=cfg.multiple_of, ffn_dim_multiplier=None, learn_sigma=False, qk_norm=True,
         cross_attention_dim=cfg.cond_dim)
@@ -110,6 +115,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--patch-size", type=int, default=None, help="override the DiT's patch size (both models)")
+    p.add_argument("--dim", type=int, default=None, help="override the DiT's width (both models)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in our DiT")
     p.add_argument("--attention", choices=["default", "auto", "math"], default="default",
                    help="attention kernel (`trainer.attention`); the stages use auto, the math kernel on CPU")
@@ -131,7 +138,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg, ours, theirs = build_models(args.size, args.device)
+    cfg, ours, theirs = build_models(args.size, args.device, args.patch_size, args.dim)
     ours.cfg.gradient_checkpointing = args.grad_ckpt
     fm = FlowMatching()
     x_1 = torch.randn(args.batch, cfg.grid ** 2, cfg.in_dim, device=args.device)
@@ -171,7 +178,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
     print(f"device: {device}; load average {load:.1f}; torch {torch.__version__}")
     print(f"size {args.size}: dim {cfg.dim}, depth {cfg.depth}, heads {cfg.num_heads}, tokens "
-          f"{cfg.grid ** 2} x {cfg.in_dim}, condition {args.cond_len} x {cfg.cond_dim}; batch "
+          f"{cfg.grid ** 2} x {cfg.in_dim} (patch {cfg.patch_size}), condition {args.cond_len} x {cfg.cond_dim}; batch "
           f"{args.batch}, {args.dtype}{', grad ckpt (ours)' if args.grad_ckpt else ''}, attention {args.attention}")
     print(f"median of {args.rounds * args.steps} steps after {args.warmup} warm-up")
     extra = f" {'peak GiB':>9}" if cuda else f" {'CPU ms/step':>12}"

@@ -30,6 +30,7 @@ from .artifacts import atomic_write_json, fingerprint, mark_complete, stage_comp
 from .config import build
 from .decoder import DecoderConfig, PixelDecoder
 from .run import StageResult, finish_on_rank_zero, remove_stale_checkpoints
+from .training.compile import without_speed_keys
 from .training.decoder import DecoderTrainConfig, train_decoder
 from .training.distributed import stage_trainer_config
 
@@ -95,6 +96,13 @@ def save_grid(path: Path, originals: torch.Tensor, decoded: torch.Tensor, num: i
     atomic_write_bytes(path, buf.getvalue())
 
 
+def decoder_key(cfg: dict, clip_key: str) -> str:
+    """The stage's fingerprint. `train.compile` changes speed, not weights: left out, so
+    switching it keeps a trained stage."""
+    section = without_speed_keys(cfg.get("decoder", {}))
+    return fingerprint("decoder", DECODER_STAGE_VERSION, cfg.get("seed", 0), section, clip_key)
+
+
 def decoder_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     import datasets
 
@@ -103,7 +111,7 @@ def decoder_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
 
     section = cfg.get("decoder", {})
     clip = upstream["clip"]
-    key = fingerprint("decoder", DECODER_STAGE_VERSION, cfg.get("seed", 0), section, clip.key)
+    key = decoder_key(cfg, clip.key)
     out = Path(run_dir) / "decoder"
     if stage_complete(out, key):
         metrics = json.loads((out / "metrics.json").read_text())
@@ -145,6 +153,7 @@ def evaluate_and_write(result, ds, clip, key: str, out: Path, ckpt_dir: Path, tr
     metrics = report.metrics() | {
         "train_steps": train_cfg.max_steps, "train_seconds": round(result.train_seconds, 1),
         "train_precision": result.trainer.precision,
+        "train_compiled": result.compiled,
         "train_images_per_second": round(result.images_per_second, 1),
         "resumed_from_step": result.resumed_from_step,
         "final_loss": result.loss_curve[-1][1] if result.loss_curve else None,

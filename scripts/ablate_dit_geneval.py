@@ -49,6 +49,7 @@ def main() -> None:
                    help="with whiten: divide each direction by variance ** this (0.5: unit variance)")
     p.add_argument("--dit-dim", type=int, default=None, help="override generation.dit.dim")
     p.add_argument("--dit-depth", type=int, default=None, help="override generation.dit.depth")
+    p.add_argument("--dit-patch", type=int, default=None, help="override generation.dit.patch_size")
     p.add_argument("--time-shift", type=float, default=None, help="override generation.flow.time_shift")
     p.add_argument("--seed", type=int, default=0, help="the DiT's initialisation and batch draws (training-seed spread)")
     p.add_argument("--save", type=Path, default=None, help="write the final DiT weights here (.safetensors)")
@@ -75,7 +76,7 @@ def main() -> None:
 
 def with_overrides(gen, args, whitening: tuple):
     """The run's generator, or a copy whose features are normalised (and sampled) another way,
-    whose DiT has another width or depth, or whose flow uses another time shift; its queries are
+    whose DiT has another width, depth or patch size, or whose flow uses another time shift; its queries are
     the run's. `whitening`: the principal variances and directions of the run's standardised
     training tokens."""
     import dataclasses
@@ -85,7 +86,8 @@ def with_overrides(gen, args, whitening: tuple):
     norm = args.feature_norm or gen.cfg.feature_norm
     dims = args.whiten_dims if args.whiten_dims is not None else gen.cfg.whiten_dims if norm == "whiten" else None
     flow = gen.cfg.flow | ({"time_shift": args.time_shift} if args.time_shift is not None else {})
-    dit = gen.cfg.dit | {k: v for k, v in (("dim", args.dit_dim), ("depth", args.dit_depth)) if v is not None}
+    dit = gen.cfg.dit | {k: v for k, v in (("dim", args.dit_dim), ("depth", args.dit_depth),
+                                           ("patch_size", args.dit_patch)) if v is not None}
     power = args.whiten_power if args.whiten_power is not None else gen.cfg.whiten_power if norm == "whiten" else 0.5
     cfg = dataclasses.replace(gen.cfg, feature_norm=norm, whiten_dims=dims, whiten_power=power, flow=flow, dit=dit)
     if cfg == gen.cfg:

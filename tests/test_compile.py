@@ -159,3 +159,51 @@ def test_train_understanding_resolves_auto_for_the_trainers_device(tok, tmp_path
                                  trainer=TrainerConfig(accelerator="cpu", precision="32-true"))
     assert result.steps == 1  # a CPU job found no C++ compiler, so it trained eagerly
     assert not result.trainer.lightning_module.compiled and result.extra["train_compiled"] is False  # in metrics.json
+
+
+@pytest.mark.skipif(not compiler_found(cuda=False), reason="torch.compile on CPU needs a C++ compiler (g++)")
+def test_compiled_decoder_step_matches_the_eager_one():
+    from test_decoder import features, tiny_cfg
+
+    from blip3o_mini.training.decoder import DecoderModule, DecoderTrainConfig
+
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    batch = (images, features(4, 0))
+    results = []
+    for setting in (False, True):
+        torch.manual_seed(0)  # the same weights, and the same noise, times and dropped conditions
+        module = DecoderModule(tiny_cfg(), DecoderTrainConfig(compile=setting))
+        module.log = lambda *a, **k: None
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in module.decoder.named_parameters() if p.grad is not None}))
+    assert module.compiled and module._forward is not None
+    (eager_loss, eager_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-6)
+    assert grads.keys() == eager_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+    assert not any("_orig_mod" in k for k in module.state_dict())  # the weights stay registered once
+
+
+def test_decoder_compile_setting_is_checked_resolved_for_the_trainer_and_left_out_of_the_fingerprint(
+        tmp_path, monkeypatch):
+    from test_decoder import features, tiny_cfg
+
+    from blip3o_mini.decoder_stage import decoder_key
+    from blip3o_mini.training.decoder import DecoderTrainConfig, train_decoder
+
+    with pytest.raises(ValueError, match="decoder.train.compile must be true, false or auto"):
+        DecoderTrainConfig(compile="on")
+    toy = load_config("toy")
+    eager = toy | {"decoder": toy["decoder"] | {"train": toy["decoder"]["train"] | {"compile": False}}}
+    compiled = toy | {"decoder": toy["decoder"] | {"train": toy["decoder"]["train"] | {"compile": True}}}
+    assert decoder_key(eager, "clip") == decoder_key(compiled, "clip")
+    longer = toy | {"decoder": toy["decoder"] | {"train": toy["decoder"]["train"] | {"max_steps": 901}}}
+    assert decoder_key(longer, "clip") != decoder_key(eager, "clip")
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no C++ compiler ...
+    monkeypatch.setattr(compile_setting, "find_spec", lambda name: object())  # ... but Triton
+    cfg = DecoderTrainConfig(batch_size=4, max_steps=1, warmup_steps=1, compile="auto", checkpoint_every=1000)
+    result = train_decoder(tiny_cfg(), cfg, torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8),
+                           features(4, 0), tmp_path / "ckpt", trainer=TrainerConfig(accelerator="cpu", precision="32-true"))
+    assert result.compiled is False  # a CPU job found no C++ compiler, so it trained eagerly

@@ -200,3 +200,18 @@ def test_reconstruction_metrics_perfect_and_wrong():
     wrong = evaluate_reconstruction(images.roll(1, 0), images, scenes)
     assert wrong.geneval.overall < 0.5 and wrong.psnr < perfect.psnr
     assert wrong.metrics()["reconstruction_geneval_mini"] == wrong.geneval.overall
+
+
+def test_bench_decoder_step_times_the_stage_step(monkeypatch):
+    """benchmarks/bench_decoder_step.py times the recipe's own training step at the toy's sizes."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_decoder_step
+
+    from blip3o_mini.training.distributed import recipe_precision_here
+
+    out = bench_decoder_step.main(["--steps", "1", "--warmup", "0", "--threads", "1"])
+    assert out["precision"] == recipe_precision_here("bf16-mixed", "cpu")  # as the toy's stage trains on this CPU
+    assert out["batch"] == 32 and out["eager_step_s"] > 0
+    assert "compiled_step_s" not in out  # only with --compile

@@ -193,3 +193,27 @@ def test_overfits_one_batch_with_flow_loss():
         losses.append(loss.item())
     assert losses[0] == pytest.approx(2.0, rel=0.2)  # |x_1 - x_0|^2 per element for v_pred = 0
     assert losses[-1] < 0.01 * losses[0], (losses[0], losses[-1])
+
+
+def test_patch_size_two_folds_2x2_blocks_of_the_grid():
+    cfg = DiTConfig(in_dim=8, cond_dim=12, dim=32, depth=2, num_heads=2, grid=8, multiple_of=16, patch_size=2)
+    model = perturbed(cfg)
+    assert cfg.token_grid == 4 and model.positions.shape == (16, 2)
+    # token (row, col) of the 8x8 grid carries the feature 10 * row + col
+    rows, cols = grid_positions(8).unbind(-1)  # (64,) each, raster order
+    x = (10 * rows + cols)[None, :, None].expand(1, 64, cfg.in_dim)  # (1, 64, F)
+    patches = model.patchify(x)  # (1, 16, 4 F)
+    assert patches.shape == (1, 16, 4 * cfg.in_dim)
+    # DiT token 5 is block (1, 1): grid tokens (2, 2), (2, 3), (3, 2), (3, 3), row by row
+    assert patches[0, 5, ::cfg.in_dim].tolist() == [22, 23, 32, 33]
+    assert torch.equal(model.unpatchify(patches), x)
+    x_t, t, cond = inputs(cfg)
+    assert model(x_t, t, cond).shape == x_t.shape
+    assert torch.equal(NextDiT(cfg)(x_t, t, cond), torch.zeros_like(x_t))  # fresh: v = 0
+
+
+def test_patch_size_must_divide_the_grid():
+    with pytest.raises(ValueError, match="patch_size 3 must divide the grid 8"):
+        DiTConfig(grid=8, patch_size=3)
+    with pytest.raises(ValueError, match="patch_size 0"):
+        DiTConfig(grid=8, patch_size=0)

@@ -23,7 +23,7 @@ TINY = {
                    "flow": {"num_steps": 2},  # compiling would add minutes; tests/test_compile.py covers it
                    "train": {"batch_size": 8, "max_steps": 2, "compile": False}},
     "decoder": {"block_out_channels": [8, 16], "cross_attention_dim": 16, "attention_head_dim": 8,
-                "norm_num_groups": 4, "train": {"batch_size": 8, "max_steps": 2},
+                "norm_num_groups": 4, "train": {"batch_size": 8, "max_steps": 2, "compile": False},
                 "eval": {"num_images": 6, "num_inference_steps": 2}},
     "evaluation": {"prompts_per_tag": 1},  # samples with generation.flow and decoder.eval's 2 steps
 }
@@ -66,7 +66,7 @@ def test_report_has_the_promised_keys(tiny_run):
     assert all(report["stages"][s]["train_precision"] in ("32-true", "bf16-mixed")
                for s in ("clip", "understanding", "generation", "decoder"))
     # and whether its model was compiled (`compile:`; TINY sets false, test_compile.py compiles)
-    assert all(report["stages"][s]["train_compiled"] is False for s in ("understanding", "generation"))
+    assert all(report["stages"][s]["train_compiled"] is False for s in ("understanding", "generation", "decoder"))
     assert "GenEval-mini" in (out / "report.md").read_text()
 
 

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..decoder import DecoderConfig, PixelDecoder, images_to_model
+from .attention_kernel import runs_on_cpu
+from .compile import check_compile, use_compile
 from .distributed import TrainerConfig, check_global_batch, make_trainer
 from .ema import update_ema
 from .schedule import warmup_cosine
@@ -51,8 +53,12 @@ class DecoderTrainConfig:
     checkpoint_every: int = 50
     log_every: int = 50
     seed: int = 0
+    # torch.compile the UNet's training forward: true, false or auto (where a compiler is found;
+    # training/compile.py). A speed setting, left out of the stage's fingerprint.
+    compile: bool | str = False
 
     def __post_init__(self):
+        check_compile(self.compile, "decoder.train.compile")
         if self.time_sampling not in TIME_SAMPLINGS:
             raise ValueError(f"unknown time_sampling {self.time_sampling!r}; choose one of {TIME_SAMPLINGS}")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
@@ -72,8 +78,10 @@ class DecoderLoss:
 
 
 def decoder_loss(decoder: PixelDecoder, images: Tensor, features: Tensor, *, cond_drop_prob: float = 0.1,
-                 time_sampling: str = "uniform", generator: torch.Generator | None = None) -> DecoderLoss:
-    """One flow-matching loss for uint8 images (B, 3, H, W) and their CLIP tokens (B, N, D)."""
+                 time_sampling: str = "uniform", generator: torch.Generator | None = None,
+                 forward=None) -> DecoderLoss:
+    """One flow-matching loss for uint8 images (B, 3, H, W) and their CLIP tokens (B, N, D).
+    `forward`: the decoder's forward to call instead of `decoder` (training passes its compiled form)."""
     decoder.check_features(features)
     x_1 = images_to_model(images).to(features.device)  # (B, 3, H, W) data in [-1, 1]
     B, dev = x_1.shape[0], x_1.device
@@ -90,7 +98,7 @@ def decoder_loss(decoder: PixelDecoder, images: Tensor, features: Tensor, *, con
     s = sigma[:, None, None, None]
     x_t = (1 - s) * x_1 + s * x_0  # (B, 3, H, W) == sched.scale_noise(x_1, timesteps, x_0)
     keep = torch.rand(B, generator=generator).to(dev) >= cond_drop_prob  # (B,)
-    pred = decoder(x_t, timesteps, features, keep)  # (B, 3, H, W)
+    pred = (forward or decoder)(x_t, timesteps, features, keep)  # (B, 3, H, W)
     target = x_1 if decoder.cfg.prediction == "sample" else x_0 - x_1  # (B, 3, H, W)
     loss = F.mse_loss(pred.float(), target)
     return DecoderLoss(loss, sigma, timesteps, x_0, x_t, pred, target, keep)
@@ -108,11 +116,17 @@ class DecoderModule(L.LightningModule):
         self.ema = copy.deepcopy(self.decoder).requires_grad_(False) if train_cfg.ema_decay > 0 else None
         self.loss_curve: list[tuple[int, float]] = []  # (step, mean loss since the last entry)
         self._window: list[float] = []
+        self.compiled = use_compile(train_cfg.compile)  # train_decoder resolves it for the trainer's device
+        self._forward = None  # the compiled `decoder.forward`, made at the first training step
 
     def training_step(self, batch, batch_idx):
         images, features = batch  # (B, 3, H, W) uint8, (B, N, D)
+        if self.compiled and self._forward is None:
+            # A compiled *function*, not a submodule: the weights stay registered once, under
+            # `decoder`, and the EMA copy and sampling stay eager. Batches keep one shape (drop_last).
+            self._forward = torch.compile(self.decoder.forward, dynamic=False)
         out = decoder_loss(self.decoder, images, features, cond_drop_prob=self.train_cfg.cond_drop_prob,
-                           time_sampling=self.train_cfg.time_sampling)
+                           time_sampling=self.train_cfg.time_sampling, forward=self._forward)
         self._window.append(out.loss.item())
         if (self.global_step + 1) % self.train_cfg.log_every == 0:
             self.loss_curve.append((self.global_step + 1, sum(self._window) / len(self._window)))
@@ -171,6 +185,7 @@ class TrainResult:
     train_seconds: float
     images_per_second: float
     resumed_from_step: int
+    compiled: bool = False  # whether the UNet's training forward was compiled
     trainer: object = None  # the lightning.Trainer that ran: its rank and barrier (run.finish_on_rank_zero)
 
 
@@ -206,6 +221,7 @@ def train_decoder(model_cfg: DecoderConfig, train_cfg: DecoderTrainConfig, image
             m.cond_embed.set_feature_stats(mean, std)
     tc = trainer or TrainerConfig(precision=train_cfg.precision)
     check_global_batch(tc, train_cfg.batch_size)
+    module.compiled = use_compile(train_cfg.compile, cuda=not runs_on_cpu(tc.accelerator))  # the trainer's device
     data = ShardedDataModule(TensorDataset(images, features.float()), train_cfg.batch_size,
                              seed=train_cfg.seed, drop_last=True)
     ckpt_dir = Path(ckpt_dir)
@@ -223,4 +239,5 @@ def train_decoder(model_cfg: DecoderConfig, train_cfg: DecoderTrainConfig, image
     steps_run = max(1, fit.global_step - resumed)
     decoder = module.exported().cpu().eval()
     return TrainResult(decoder, module.loss_curve, seconds, steps_run * train_cfg.batch_size / seconds, resumed,
+                       module.compiled,
                        trainer=fit)

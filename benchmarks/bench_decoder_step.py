@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import time
+
+from compile_timing import summarize  # benchmarks/compile_timing.py
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -81,13 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["compiled"] = timed(DecoderModule(model_cfg, dataclasses.replace(eager, compile=True)), "compiled")
     out = {"config": args.config, "batch": B, "precision": precision, "threads": torch.get_num_threads()}
     print(f"decoder step ({args.config}), batch {B}, {side}x{side} images, {precision}, {out['threads']} thread(s)")
-    for name, times in results.items():
-        out[f"{name}_step_s"] = round(statistics.median(times), 4)
-        print(f"  {name:<9} {out[f'{name}_step_s']:.3f} s a step (median of {len(times)})")
-    if "compiled" in results:
-        out["speedup"] = round(out["eager_step_s"] / out["compiled_step_s"], 2)
-        print(f"  compiled is {out['speedup']:.2f}x the eager step's speed")
-    return out
+    return summarize(results, out)
 
 
 if __name__ == "__main__":

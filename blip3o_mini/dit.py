@@ -7,8 +7,8 @@ What is mirrored, block by block:
 
 - tokens: patch size 1 on the 8x8 grid of CLIP tokens, so the "patch embedding" is one Linear
   per token (`patch_size: 2`, Lumina-Next's own default, folds each 2x2 block of tokens into
-  one: a 4x4 grid of 16 tokens, a quarter of the work per image); 2D RoPE (half of each head's channels rotate with the row, half with the column,
-  theta 10000), applied to queries and keys of self-attention and to the *queries only* of
+  one: a 4x4 grid of 16 tokens, a quarter of the work per image); 2D RoPE (half of each head's
+  channels rotate with the row, half with the column, theta 10000), applied to queries and keys of self-attention and to the *queries only* of
   cross-attention (the condition has no positions);
 - qk-norm: LayerNorm across all heads on q and k before the head split (diffusers'
   `layer_norm_across_heads`);
@@ -38,9 +38,9 @@ Simplified or changed, and why:
   columns) instead of interleaved, a fixed channel permutation with the same relative-position
   property.
 
-Shape glossary: B batch, N = grid*grid image tokens (64), P patch size, Nq condition tokens, D model width
-(`dim`), H heads, Dh = D / H head width, C = min(D, 1024) conditioning width, F feature width
-(`in_dim`, the CLIP width), K = `cond_dim` (the LLM width).
+Shape glossary: B batch, N = grid*grid image tokens (64), P patch size, Nq condition tokens,
+D model width (`dim`), H heads, Dh = D / H head width, C = min(D, 1024) conditioning width,
+F feature width (`in_dim`, the CLIP width), K = `cond_dim` (the LLM width).
 """
 
 from __future__ import annotations

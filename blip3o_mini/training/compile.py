@@ -2,14 +2,16 @@
 recipe's `train:` section): `true`, `false`, or `auto`, which compiles where a compiler is
 found and runs eagerly elsewhere, so one config serves a laptop without one.
 
-Two recipes read it: `generation.train.compile` (the DiT's training forward and the frozen LM's
-pass that makes Q) and `understanding.train.compile` (the LM's training forward). Why it pays on CPU: the toy NextDiT's matrices are 128
-wide and the toy LM's 256, so their steps are mostly elementwise work (adaLN modulation,
-RMSNorms, RoPE, SwiGLU, tanh gates, masks, autocast's dtype copies), one small kernel each.
-Inductor fuses them into a few C++ loops (`python benchmarks/bench_dit.py --size toy-config
---dtype bf16 --batch 64 --attention auto --compile`; `python
-benchmarks/bench_understanding_step.py --compile`). The first step pays the compilation (about
-three minutes for the DiT, one for the LM, on the 2-core toy machine); Inductor caches it on disk
+Three recipes read it: `generation.train.compile` (the DiT's training forward and the frozen
+LM's pass that makes Q), `understanding.train.compile` (the LM's training forward) and
+`decoder.train.compile` (the UNet's training forward). Why it pays on CPU: the toy NextDiT's
+matrices are 128 wide and the toy LM's 256, so their steps are mostly elementwise work (adaLN
+modulation, RMSNorms, RoPE, SwiGLU, tanh gates, masks, autocast's dtype copies), one small
+kernel each. Inductor fuses them into a few C++ loops (`python benchmarks/bench_dit.py --size
+toy-config --dtype bf16 --batch 64 --attention auto --compile`; `python
+benchmarks/bench_understanding_step.py --compile`; `python benchmarks/bench_decoder_step.py
+--compile`). The first step pays the compilation (about three minutes for the DiT, one for the
+LM, two for the UNet, on the 2-core toy machine); Inductor caches it on disk
 (/tmp/torchinductor_$USER), so the next run starts in seconds. That cache does not tell the
 attention kernels apart (`trainer.attention`): a graph compiled under one is served under the
 other, correct but at the other's speed, so clear it after switching kernels.

@@ -8,8 +8,8 @@ What is mirrored, block by block:
 - tokens: patch size 1 on the 8x8 grid of CLIP tokens, so the "patch embedding" is one Linear
   per token (`patch_size: 2`, Lumina-Next's own default, folds each 2x2 block of tokens into
   one: a 4x4 grid of 16 tokens, a quarter of the work per image); 2D RoPE (half of each head's
-  channels rotate with the row, half with the column, theta 10000), applied to queries and keys of self-attention and to the *queries only* of
-  cross-attention (the condition has no positions);
+  channels rotate with the row, half with the column, theta 10000), applied to queries and keys
+  of self-attention and to the *queries only* of cross-attention (the condition has no positions);
 - qk-norm: LayerNorm across all heads on q and k before the head split (diffusers'
   `layer_norm_across_heads`);
 - the condition `Q` (B, Nq, cond_dim) goes through a caption projection (Linear, tanh-GELU,

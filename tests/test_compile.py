@@ -196,11 +196,12 @@ def test_decoder_compile_setting_is_checked_resolved_for_the_trainer_and_left_ou
     with pytest.raises(ValueError, match="decoder.train.compile must be true, false or auto"):
         DecoderTrainConfig(compile="on")
     toy = load_config("toy")
-    eager = toy | {"decoder": toy["decoder"] | {"train": toy["decoder"]["train"] | {"compile": False}}}
-    compiled = toy | {"decoder": toy["decoder"] | {"train": toy["decoder"]["train"] | {"compile": True}}}
-    assert decoder_key(eager, "clip") == decoder_key(compiled, "clip")
-    longer = toy | {"decoder": toy["decoder"] | {"train": toy["decoder"]["train"] | {"max_steps": 901}}}
-    assert decoder_key(longer, "clip") != decoder_key(eager, "clip")
+
+    def key(**train) -> str:  # the toy config's decoder stage, its train: section updated
+        return decoder_key(toy | {"decoder": toy["decoder"] | {"train": toy["decoder"]["train"] | train}}, "clip")
+
+    assert key(compile=False) == key(compile=True)
+    assert key(compile=False, max_steps=901) != key(compile=False)
     monkeypatch.setattr(shutil, "which", lambda name: None)  # no C++ compiler ...
     monkeypatch.setattr(compile_setting, "find_spec", lambda name: object())  # ... but Triton
     cfg = DecoderTrainConfig(batch_size=4, max_steps=1, warmup_steps=1, compile="auto", checkpoint_every=1000)

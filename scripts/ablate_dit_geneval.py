@@ -11,11 +11,12 @@ With the decoder's warm-up (decay min(d, (1 + step) / (10 + step))) any d above 
 
 As `ablate_dit_lr.py`, the condition Q of every training caption (all paraphrases) is computed
 once with a finished run's queries and frozen backbone, so a step costs a DiT step only. One
-fresh DiT trains with the toy stage's recipe (AdamW, warmup, cosine decay over `--steps`, noise
-repeats, the stage's precision: bf16 autocast where the config asks for it and the CPU has bf16) while EMA copies at each decay follow its weights. At each `--score-at`
-step and at the end, each set of weights replaces the run pipeline's DiT and generates the
-GenEval-mini prompts (the evaluation stage's prompts, seeds and sampling), which the GenEval-mini
-detector scores. Scores at intermediate steps come from a schedule still mid-decay.
+fresh DiT trains with the toy stage's recipe (AdamW, or Muon for its blocks' matrices, warmup,
+cosine decay over `--steps`, noise repeats, the stage's precision: bf16 autocast where the
+config asks for it and the CPU has bf16) while EMA copies at each decay follow its weights. At
+each `--score-at` step and at the end, each set of weights replaces the run pipeline's DiT and
+generates the GenEval-mini prompts (the evaluation stage's prompts, seeds and sampling), which
+the GenEval-mini detector scores. Scores at intermediate steps come from a schedule still mid-decay.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def main() -> None:
     p.add_argument("--dit-depth", type=int, default=None, help="override generation.dit.depth")
     p.add_argument("--dit-patch", type=int, default=None, help="override generation.dit.patch_size")
     p.add_argument("--time-shift", type=float, default=None, help="override generation.flow.time_shift")
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                   help="muon: Muon for the DiT blocks' matrices, AdamW for the rest (training/muon.py)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT's training forward, as the stage does")
     p.add_argument("--seed", type=int, default=0, help="the DiT's initialisation and batch draws (training-seed spread)")
     p.add_argument("--save", type=Path, default=None, help="write the final DiT weights here (.safetensors)")
     p.add_argument("--q-cache", type=Path, default=None,
@@ -156,6 +160,7 @@ def train_and_score(pipe, q, x, rows, args, cfg, directions: dict) -> dict:
     from blip3o_mini.config import build
     from blip3o_mini.training.distributed import stage_trainer_config
     from blip3o_mini.training.ema import update_ema
+    from blip3o_mini.training.muon import MuonAdamW, hidden_matrices, with_muon_group
     from blip3o_mini.training.generation import GenerationTrainConfig
     from blip3o_mini.training.schedule import cosine_with_warmup
 
@@ -167,7 +172,12 @@ def train_and_score(pipe, q, x, rows, args, cfg, directions: dict) -> dict:
         for block in dit.blocks:
             block.cross_gate.fill_(args.cross_gate_init)  # (H,): tanh(gate) scales the cross-attention
     emas = {d: copy.deepcopy(dit).requires_grad_(False) for d in args.decays}
-    opt = torch.optim.AdamW(dit.parameters(), args.lr, weight_decay=0.0)
+    if args.optimizer == "muon":
+        groups = with_muon_group([{"params": list(dit.parameters())}], hidden_matrices(dit.blocks))
+        opt = MuonAdamW(groups, args.lr, weight_decay=0.0)
+    else:
+        opt = torch.optim.AdamW(dit.parameters(), args.lr, weight_decay=0.0)
+    forward = torch.compile(dit.forward, dynamic=False) if args.compile else dit
     warmup = cfg["generation"].get("train", {}).get("warmup_steps", 100)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: cosine_with_warmup(s, warmup, args.steps, args.min_lr / args.lr))
@@ -179,7 +189,7 @@ def train_and_score(pipe, q, x, rows, args, cfg, directions: dict) -> dict:
     for step in range(args.steps):
         i = torch.randint(0, len(q), (args.batch_size,))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = flow.loss(dit, x[rows[i]], q[i].float()).loss
+            loss = flow.loss(forward, x[rows[i]], q[i].float()).loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)

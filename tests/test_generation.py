@@ -194,7 +194,8 @@ def test_queries_train_at_their_own_learning_rate():
         GenerationTrainConfig(query_lr_scale=-0.1)
 
 
-def test_training_overfits_one_batch_and_keeps_backbone_frozen():
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_training_overfits_one_batch_and_keeps_backbone_frozen(optimizer):
     torch.manual_seed(0)
     gen, bb = tiny_generator(), TinyBackbone()
     gen.flow.cond_drop_prob = 0.0  # every sample conditioned: the data is a function of the prompt
@@ -202,7 +203,7 @@ def test_training_overfits_one_batch_and_keeps_backbone_frozen():
     feats = torch.randn(2, 64, F).repeat(4, 1, 1)  # (8, 64, F): one target per prompt
     ds = CaptionFeatureDataset([["a red circle"], ["a blue square"]] * 4, feats)
     loader = torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=collate)
-    cfg = GenerationTrainConfig(max_steps=80, lr=1e-2, min_lr=3e-3, warmup_steps=5, log_every=1)
+    cfg = GenerationTrainConfig(max_steps=80, lr=1e-2, min_lr=3e-3, warmup_steps=5, log_every=1, optimizer=optimizer)
     module = GenerationModule(gen, bb, cfg)
     trainer = L.Trainer(max_steps=cfg.max_steps, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,

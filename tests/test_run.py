@@ -131,9 +131,9 @@ def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, 
     _, out = tiny_run
     script = Path(__file__).parents[1] / "scripts" / "ablate_dit_geneval.py"
     cache, saved = tmp_path / "q.safetensors", tmp_path / "dit.safetensors"
-    # second pass: Q read back, another feature scale (8 whitened coordinates), depth and time shift
+    # second pass: Q read back, another feature scale (8 whitened coordinates), depth, time shift and optimizer
     for extra in ([], ["--feature-norm", "whiten", "--whiten-dims", "8", "--whiten-power", "0.25", "--time-shift", "2",
-                       "--dit-depth", "2", "--save", str(saved)]):
+                       "--dit-depth", "2", "--optimizer", "muon", "--save", str(saved)]):
         monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--steps", "2", "--score-at", "1",
                                           "--decays", "0.9", "--batch-size", "4", "--cross-gate-init", "0.5",
                                           "--q-cache", str(cache)] + extra)

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from ..backbone_interface import Backbone
 from ..generation import Blip3oGenerator
 from .compile import check_compile, use_compile
+from .muon import MuonAdamW, hidden_matrices, with_muon_group
 from .schedule import warmup_cosine
 
 
@@ -40,9 +41,13 @@ class GenerationTrainConfig:
     # (where a compiler is found; training/compile.py). A speed setting, left out of the stage's
     # fingerprint.
     compile: bool | str = False
+    # adamw, or muon: Muon for the DiT blocks' matrices, AdamW for the rest (training/muon.py)
+    optimizer: str = "adamw"
 
     def __post_init__(self):
         check_compile(self.compile, "generation.train.compile")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"generation.train.optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.query_lr_scale < 0:
             raise ValueError(f"generation.train.query_lr_scale must be >= 0 (0 freezes the queries), "
                              f"got {self.query_lr_scale}")
@@ -118,7 +123,11 @@ class GenerationModule(L.LightningModule):
         groups = [{"params": rest}]
         if queries.requires_grad:
             groups.append({"params": [queries], "lr": self.cfg.lr * self.cfg.query_lr_scale})
-        opt = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.999))
+        if self.cfg.optimizer == "muon":
+            groups = with_muon_group(groups, hidden_matrices(self.generator.dit.blocks))
+            opt = MuonAdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.999))
+        else:
+            opt = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.999))
         return warmup_cosine(opt, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr / self.cfg.lr)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

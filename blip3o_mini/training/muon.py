@@ -1,0 +1,114 @@
+"""Muon for a network's hidden matrices and AdamW for the rest, as one optimizer.
+
+Muon (Jordan et al. 2024; Liu et al. 2025, "Muon is Scalable for LLM Training") replaces the
+momentum of each hidden 2-D weight by the nearest semi-orthogonal matrix (five Newton-Schulz
+iterations) before stepping: every direction of the update moves at the same rate, where
+AdamW's update is dominated by a few. Moonshot's scaling, 0.2 * sqrt(max(fan_out, fan_in)),
+gives the update AdamW's RMS, so AdamW's learning rate, weight decay and schedule carry over.
+Vectors, embeddings and output layers stay with AdamW, as the method prescribes.
+
+One optimizer rather than two so that Lightning's automatic optimisation, the lr scheduler
+and checkpoints work unchanged: each parameter group's `muon` flag says which rule it follows.
+The tests check both rules against `torch.optim.Muon` and `torch.optim.AdamW`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic, as torch.optim.Muon
+
+
+def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """About the nearest semi-orthogonal matrix to each matrix of `g` ((A, B) or a stack (k, A,
+    B)): singular values pushed into roughly [0.7, 1.2], computed in bf16 (the iteration is
+    insensitive to rounding). A stack runs as batched matmuls: one call for all the blocks'
+    matrices of one shape, three times faster on the toy DiT than a loop over them."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.bfloat16() if g.ndim == 3 else g.bfloat16()[None]  # (k, A, B)
+    tall = g.size(-2) > g.size(-1)
+    if tall:  # iterate on the wide side: (min, max) @ (max, min) grams are the cheap ones
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # Frobenius >= spectral: singular values <= 1
+    for _ in range(steps):
+        gram = x @ x.mT  # (k, m, m)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b G + c G^2
+        x = torch.baddbmm(x, poly, x, beta=a)  # a X + (b G + c G^2) X
+    x = x.mT if tall else x
+    return x if g.ndim == 3 else x[0]
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Groups with `muon=True` (2-D weights only) follow Muon with Nesterov momentum; the others
+    follow AdamW. `lr` and `weight_decay` are shared, so one schedule drives both."""
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, betas: tuple = (0.9, 0.999),
+                 eps: float = 1e-8, momentum: float = 0.95):
+        defaults = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, momentum=momentum, muon=False)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            bad = [tuple(p.shape) for p in group["params"] if group["muon"] and p.ndim != 2]
+            if bad:
+                raise ValueError(f"Muon steps 2-D weights only, got shapes {bad}; "
+                                 "put vectors and other tensors in a group with muon=False (AdamW)")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["muon"]:
+                _muon_step(params, self.state, group)
+            else:
+                for p in params:
+                    _adamw_step(p, self.state[p], group)
+        return loss
+
+
+def _muon_step(params: list[Tensor], state: dict, group: dict) -> None:
+    lr, mu = group["lr"], group["momentum"]
+    by_shape: dict[torch.Size, list[Tensor]] = {}
+    for p in params:
+        by_shape.setdefault(p.shape, []).append(p)
+    for shape, same in by_shape.items():
+        updates = []
+        for p in same:
+            buf = state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+            buf.lerp_(p.grad, 1 - mu)
+            updates.append(p.grad.lerp(buf, mu))  # Nesterov: look one momentum step ahead
+        ortho = newton_schulz(torch.stack(updates))  # (k, A, B): one batched call per shape
+        for p, u in zip(same, ortho):
+            p.mul_(1 - lr * group["weight_decay"])
+            p.add_(u, alpha=-lr * 0.2 * math.sqrt(max(shape)))  # AdamW's update RMS (Moonshot)
+
+
+def _adamw_step(p: Tensor, state: dict, group: dict) -> None:
+    lr, (b1, b2) = group["lr"], group["betas"]
+    if not state:
+        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+    state["step"] += 1
+    t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+    p.mul_(1 - lr * group["weight_decay"])
+    m.lerp_(p.grad, 1 - b1)
+    v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+    denom = (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(group["eps"])
+    p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+
+
+def hidden_matrices(blocks: nn.Module) -> list[Tensor]:
+    """The 2-D weights of the Linear layers inside `blocks` (a transformer's stack): Muon's
+    share. Input and output projections, embeddings, norms and gates stay with AdamW."""
+    return [m.weight for m in blocks.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
+
+
+def with_muon_group(groups: list[dict], matrices: list[Tensor]) -> list[dict]:
+    """AdamW parameter `groups` with `matrices` moved out of them into one Muon group."""
+    taken = {id(p) for p in matrices}
+    kept = [g | {"params": [p for p in g["params"] if id(p) not in taken]} for g in groups]
+    return [g for g in kept if g["params"]] + [{"params": matrices, "muon": True}]

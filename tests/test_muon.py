@@ -1,0 +1,72 @@
+"""Muon for the DiT's hidden matrices, AdamW for the rest (blip3o_mini/training/muon.py),
+checked against torch's own optimizers."""
+
+import pytest
+import torch
+from torch import nn
+
+from blip3o_mini.training.muon import MuonAdamW, hidden_matrices, newton_schulz, with_muon_group
+
+
+def steps(opt, params, grads):
+    for g in grads:  # the same gradient sequence for every optimizer compared
+        for p, gi in zip(params, g):
+            p.grad = gi.clone()
+        opt.step()
+
+
+def test_muon_groups_step_as_torch_muon_with_adamw_scaling():
+    """Same-shape matrices go through Newton-Schulz as one batch: the result is torch's
+    one-at-a-time Muon exactly, wide and tall matrices alike."""
+    torch.manual_seed(0)
+    shapes = [(24, 16), (24, 16), (16, 24)]
+    ours = [nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [nn.Parameter(p.detach().clone()) for p in ours]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    steps(MuonAdamW([{"params": ours, "muon": True}], lr=0.02, weight_decay=0.1), ours, grads)
+    steps(torch.optim.Muon(ref, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"), ref, grads)
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+
+
+def test_other_groups_step_as_torch_adamw():
+    torch.manual_seed(0)
+    w = torch.randn(7, 5)
+    ours, ref = nn.Parameter(w.clone()), nn.Parameter(w.clone())
+    grads = [[torch.randn(7, 5)] for _ in range(4)]
+    steps(MuonAdamW([ours], lr=0.01, weight_decay=0.05, betas=(0.9, 0.98)), [ours], grads)
+    steps(torch.optim.AdamW([ref], lr=0.01, weight_decay=0.05, betas=(0.9, 0.98), foreach=False), [ref], grads)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_newton_schulz_flattens_the_spectrum():
+    torch.manual_seed(0)
+    g = torch.randn(32, 8) @ torch.diag(torch.logspace(-1.5, 0.5, 8))  # singular values over 2 decades
+    s = torch.linalg.svdvals(newton_schulz(g).float())
+    assert s.min() > 0.5 and s.max() < 1.5, s  # every direction moves at about the same rate
+
+
+def test_only_matrices_go_to_muon():
+    block = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 4, bias=False))
+    mats = hidden_matrices(block)
+    assert [tuple(p.shape) for p in mats] == [(8, 4), (4, 8)]  # biases and the norm stay with AdamW
+    adamw, muon = with_muon_group([{"params": list(block.parameters()), "lr": 0.1}], mats)
+    assert adamw["lr"] == 0.1 and len(adamw["params"]) == 3 and muon == {"params": mats, "muon": True}
+    with pytest.raises(ValueError, match="Muon steps 2-D weights only, got shapes \\[\\(8,\\)\\]"):
+        MuonAdamW([{"params": [block[0].bias], "muon": True}], lr=0.1)
+
+
+def test_generation_recipe_puts_the_dit_blocks_matrices_in_muon():
+    from blip3o_mini.generation import Blip3oGenerator, GeneratorConfig
+    from blip3o_mini.training.generation import GenerationModule, GenerationTrainConfig
+    from tiny_backbone import TinyBackbone  # tests/tiny_backbone.py
+
+    gen = Blip3oGenerator(GeneratorConfig(num_query_tokens=4, dit=dict(dim=32, depth=2, num_heads=2, multiple_of=16)),
+                          feature_dim=16, cond_dim=32)
+    cfg = GenerationTrainConfig(lr=4e-3, max_steps=10, query_lr_scale=0.1, optimizer="muon")
+    opt = GenerationModule(gen, TinyBackbone(), cfg).configure_optimizers()["optimizer"]
+    rest, queries, muon = opt.param_groups
+    assert isinstance(opt, MuonAdamW) and muon["muon"] and not rest["muon"]
+    assert {id(p) for p in muon["params"]} == {id(p) for p in hidden_matrices(gen.dit.blocks)}
+    assert queries["params"] == [gen.queries] and gen.dit.x_embed.weight in rest["params"]
+    with pytest.raises(ValueError, match="optimizer must be adamw or muon, got 'sgd'"):
+        GenerationTrainConfig(optimizer="sgd")

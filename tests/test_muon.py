@@ -70,3 +70,14 @@ def test_generation_recipe_puts_the_dit_blocks_matrices_in_muon():
     assert queries["params"] == [gen.queries] and gen.dit.x_embed.weight in rest["params"]
     with pytest.raises(ValueError, match="optimizer must be adamw or muon, got 'sgd'"):
         GenerationTrainConfig(optimizer="sgd")
+
+
+def test_bench_optimizer_step_times_both_optimizers(monkeypatch):
+    """benchmarks/bench_optimizer_step.py times AdamW and MuonAdamW on the toy config's DiT."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_optimizer_step
+
+    rows = bench_optimizer_step.main(["--steps", "1", "--warmup", "0"])
+    assert len(rows) == 4 and all(ms > 0 for ms in rows.values())

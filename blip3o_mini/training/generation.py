@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from ..backbone_interface import Backbone
 from ..generation import Blip3oGenerator
 from .compile import check_compile, use_compile
-from .muon import MuonAdamW, hidden_matrices, with_muon_group
+from .muon import MuonAdamW, check_optimizer, hidden_matrices, with_muon_group
 from .schedule import warmup_cosine
 
 
@@ -46,8 +46,7 @@ class GenerationTrainConfig:
 
     def __post_init__(self):
         check_compile(self.compile, "generation.train.compile")
-        if self.optimizer not in ("adamw", "muon"):
-            raise ValueError(f"generation.train.optimizer must be adamw or muon, got {self.optimizer!r}")
+        check_optimizer(self.optimizer, "generation.train.optimizer")
         if self.query_lr_scale < 0:
             raise ValueError(f"generation.train.query_lr_scale must be >= 0 (0 freezes the queries), "
                              f"got {self.query_lr_scale}")

@@ -107,8 +107,15 @@ def hidden_matrices(blocks: nn.Module) -> list[Tensor]:
     return [m.weight for m in blocks.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
 
 
-def with_muon_group(groups: list[dict], matrices: list[Tensor]) -> list[dict]:
-    """AdamW parameter `groups` with `matrices` moved out of them into one Muon group."""
+def with_muon_group(groups: list[dict], matrices: list[Tensor], **options) -> list[dict]:
+    """AdamW parameter `groups` with `matrices` moved out of them into one Muon group (with
+    `options`, e.g. its weight_decay)."""
     taken = {id(p) for p in matrices}
     kept = [g | {"params": [p for p in g["params"] if id(p) not in taken]} for g in groups]
-    return [g for g in kept if g["params"]] + [{"params": matrices, "muon": True}]
+    return [g for g in kept if g["params"]] + [{"params": matrices, "muon": True, **options}]
+
+
+def check_optimizer(name: str, setting: str) -> None:
+    """A one-line error for an optimizer other than adamw or muon."""
+    if name not in ("adamw", "muon"):
+        raise ValueError(f"{setting} must be adamw or muon, got {name!r}")

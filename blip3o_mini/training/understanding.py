@@ -35,6 +35,7 @@ from .attention_kernel import runs_on_cpu
 from .clip import TrainResult  # the same result record as the CLIP and generation recipes
 from .compile import check_compile, use_compile
 from .distributed import TrainerConfig, make_trainer
+from .muon import MuonAdamW, check_optimizer, hidden_matrices, with_muon_group
 from .packing import IGNORE, Packer, PackedRow, collate_rows, packed_attention_mask
 from .schedule import warmup_cosine
 
@@ -61,9 +62,12 @@ class UnderstandingTrainConfig:
     # torch.compile the LM's training forward: true, false or auto (where a
     # compiler is found; training/compile.py). A speed setting, left out of the stage's fingerprint.
     compile: bool | str = False
+    # adamw, or muon: Muon for the LM's layers' matrices, AdamW for the rest (training/muon.py)
+    optimizer: str = "adamw"
 
     def __post_init__(self):
         check_compile(self.compile, "understanding.train.compile")
+        check_optimizer(self.optimizer, "understanding.train.optimizer")
 
 
 @contextlib.contextmanager
@@ -210,8 +214,13 @@ class UnderstandingModule(L.LightningModule):
             if p.requires_grad:
                 excluded = p.ndim < 2 or "embed" in name or "norm" in name
                 (no_decay if excluded else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.cfg.lr, betas=(0.9, 0.98))
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if self.cfg.optimizer == "muon":  # the decoder layers' matrices; embeddings, head and projector keep AdamW
+            matrices = hidden_matrices(self.backbone.lm.model.layers)
+            opt = MuonAdamW(with_muon_group(groups, matrices, weight_decay=self.cfg.weight_decay),
+                            lr=self.cfg.lr, betas=(0.9, 0.98))
+        else:
+            opt = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(0.9, 0.98))
         return warmup_cosine(opt, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr_ratio)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

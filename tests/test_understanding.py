@@ -213,6 +213,34 @@ def test_training_resumes_from_last_checkpoint(tok, tmp_path):
     assert again.loss_history[:2] == first.loss_history  # the history travels in the checkpoint
 
 
+
+def test_muon_takes_the_lm_layers_matrices_and_resumes(tok, tmp_path):
+    """`optimizer: muon`: the decoder layers' matrices step with Muon (with the recipe's weight
+    decay), embeddings, head, norms and projector with AdamW; a resumed run restores Muon's
+    momentum from the checkpoint."""
+    from blip3o_mini.training.muon import MuonAdamW, hidden_matrices
+
+    bb = tiny_backbone(tok)
+    cfg = UnderstandingTrainConfig(batch_size=4, max_steps=2, warmup_steps=1, log_every=1, checkpoint_every=2,
+                                   optimizer="muon")
+    opt = UnderstandingModule(bb, cfg).configure_optimizers()["optimizer"]
+    assert isinstance(opt, MuonAdamW)
+    decay, no_decay, muon = opt.param_groups
+    assert muon["muon"] and muon["weight_decay"] == cfg.weight_decay and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in muon["params"]} == {id(p) for p in hidden_matrices(bb.lm.model.layers)}
+    embeddings = bb.lm.get_input_embeddings().weight
+    assert any(p is embeddings for p in no_decay["params"] + decay["params"])  # AdamW's
+    feats, rows = torch.randn(8, 64, 16), ROWS[:8]
+    trainer = TrainerConfig(accelerator="cpu", precision="32-true")
+    train_understanding(bb, feats, rows, cfg, tmp_path, trainer=trainer)
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)["optimizer_states"][0]
+    assert any("momentum_buffer" in state for state in saved["state"].values())  # Muon's state is checkpointed
+    cfg.max_steps = 4
+    again = train_understanding(tiny_backbone(tok, seed=1), feats, rows, cfg, tmp_path, trainer=trainer)
+    assert again.resumed_from == 2 and again.steps == 4
+    with pytest.raises(ValueError, match="understanding.train.optimizer must be adamw or muon, got 'adam'"):
+        UnderstandingTrainConfig(optimizer="adam")
+
 class Oracle(Backbone):
     """Answers from the scene graph (looked up by image) or always `fixed`."""
 

@@ -81,3 +81,17 @@ def test_bench_optimizer_step_times_both_optimizers(monkeypatch):
 
     rows = bench_optimizer_step.main(["--steps", "1", "--warmup", "0"])
     assert len(rows) == 4 and all(ms > 0 for ms in rows.values())
+
+
+def test_sharding_strategies_are_refused():
+    """DeepSpeed ZeRO and FSDP hand the optimizer flat shards: Muon would orthogonalise slices."""
+    from types import SimpleNamespace
+
+    from blip3o_mini.training.muon import check_unsharded
+
+    FSDPStrategy = type("FSDPStrategy", (), {})
+    with pytest.raises(ValueError, match="generation.train.optimizer: muon needs every weight matrix whole "
+                                         "on each rank, but FSDPStrategy shards them"):
+        check_unsharded(SimpleNamespace(strategy=FSDPStrategy()), "generation.train.optimizer")
+    check_unsharded(SimpleNamespace(strategy=type("DDPStrategy", (), {})()), "generation.train.optimizer")
+    check_unsharded(None, "generation.train.optimizer")  # configure_optimizers outside a Trainer

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from ..backbone_interface import Backbone
 from ..generation import Blip3oGenerator
 from .compile import check_compile, use_compile
-from .muon import MuonAdamW, check_optimizer, hidden_matrices, with_muon_group
+from .muon import MuonAdamW, check_optimizer, check_unsharded, hidden_matrices, with_muon_group
 from .schedule import warmup_cosine
 
 
@@ -123,6 +123,7 @@ class GenerationModule(L.LightningModule):
         if queries.requires_grad:
             groups.append({"params": [queries], "lr": self.cfg.lr * self.cfg.query_lr_scale})
         if self.cfg.optimizer == "muon":
+            check_unsharded(self._trainer, "generation.train.optimizer")
             groups = with_muon_group(groups, hidden_matrices(self.generator.dit.blocks))
             opt = MuonAdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.999))
         else:

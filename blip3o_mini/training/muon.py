@@ -119,3 +119,12 @@ def check_optimizer(name: str, setting: str) -> None:
     """A one-line error for an optimizer other than adamw or muon."""
     if name not in ("adamw", "muon"):
         raise ValueError(f"{setting} must be adamw or muon, got {name!r}")
+
+
+def check_unsharded(trainer, setting: str) -> None:
+    """Muon orthogonalises whole matrices: a one-line error for a Lightning strategy that hands
+    the optimizer shards of them (DeepSpeed ZeRO, FSDP). `trainer`: None outside a Trainer."""
+    name = type(getattr(trainer, "strategy", None)).__name__
+    if "DeepSpeed" in name or "FSDP" in name:
+        raise ValueError(f"{setting}: muon needs every weight matrix whole on each rank, but {name} "
+                         "shards them; use trainer.strategy ddp, or optimizer adamw")

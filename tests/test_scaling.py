@@ -165,7 +165,7 @@ def test_understanding_configs_change_only_the_understanding_stage():
     turns = load_config("toy-relation-turns")["understanding"]
     assert turns["train"]["relation_turns"] and turns["backbone"]["grid_positions"] and turns["train"]["max_steps"] == 700
     vqa = load_config("toy-vqa")["understanding"]
-    assert vqa["train"] == {**turns["train"], "count_turns": True, "type_loss_every": 25}
+    assert vqa["train"] == {**turns["train"], "count_turns": True, "type_loss_every": 25, "optimizer": "muon"}
     assert vqa["backbone"] == turns["backbone"]
 
 

@@ -160,7 +160,7 @@ def train_and_score(pipe, q, x, rows, args, cfg, directions: dict) -> dict:
     from blip3o_mini.config import build
     from blip3o_mini.training.distributed import stage_trainer_config
     from blip3o_mini.training.ema import update_ema
-    from blip3o_mini.training.muon import MuonAdamW, hidden_matrices, with_muon_group
+    from blip3o_mini.training.muon import hidden_matrices, make_optimizer
     from blip3o_mini.training.generation import GenerationTrainConfig
     from blip3o_mini.training.schedule import cosine_with_warmup
 
@@ -172,11 +172,8 @@ def train_and_score(pipe, q, x, rows, args, cfg, directions: dict) -> dict:
         for block in dit.blocks:
             block.cross_gate.fill_(args.cross_gate_init)  # (H,): tanh(gate) scales the cross-attention
     emas = {d: copy.deepcopy(dit).requires_grad_(False) for d in args.decays}
-    if args.optimizer == "muon":
-        groups = with_muon_group([{"params": list(dit.parameters())}], hidden_matrices(dit.blocks))
-        opt = MuonAdamW(groups, args.lr, weight_decay=0.0)
-    else:
-        opt = torch.optim.AdamW(dit.parameters(), args.lr, weight_decay=0.0)
+    opt = make_optimizer(args.optimizer, [{"params": list(dit.parameters())}], hidden_matrices(dit.blocks),
+                         "--optimizer", lr=args.lr, weight_decay=0.0)
     forward = torch.compile(dit.forward, dynamic=False) if args.compile else dit
     warmup = cfg["generation"].get("train", {}).get("warmup_steps", 100)
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from ..backbone_interface import Backbone
 from ..generation import Blip3oGenerator
 from .compile import check_compile, use_compile
-from .muon import MuonAdamW, check_optimizer, check_unsharded, hidden_matrices, with_muon_group
+from .muon import check_optimizer, hidden_matrices, make_optimizer
 from .schedule import warmup_cosine
 
 
@@ -122,12 +122,9 @@ class GenerationModule(L.LightningModule):
         groups = [{"params": rest}]
         if queries.requires_grad:
             groups.append({"params": [queries], "lr": self.cfg.lr * self.cfg.query_lr_scale})
-        if self.cfg.optimizer == "muon":
-            check_unsharded(self._trainer, "generation.train.optimizer")
-            groups = with_muon_group(groups, hidden_matrices(self.generator.dit.blocks))
-            opt = MuonAdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.999))
-        else:
-            opt = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.999))
+        opt = make_optimizer(self.cfg.optimizer, groups, hidden_matrices(self.generator.dit.blocks),
+                             "generation.train.optimizer", self._trainer,
+                             lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.999))
         return warmup_cosine(opt, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr / self.cfg.lr)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

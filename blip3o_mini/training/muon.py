@@ -128,3 +128,15 @@ def check_unsharded(trainer, setting: str) -> None:
     if "DeepSpeed" in name or "FSDP" in name:
         raise ValueError(f"{setting}: muon needs every weight matrix whole on each rank, but {name} "
                          "shards them; use trainer.strategy ddp, or optimizer adamw")
+
+
+def make_optimizer(name: str, groups: list[dict], matrices: list[Tensor], setting: str, trainer=None,
+                   muon_options: dict | None = None, **kwargs) -> torch.optim.Optimizer:
+    """A recipe's optimizer: `torch.optim.AdamW` over `groups`, or for `name` muon a `MuonAdamW`
+    with `matrices` moved into a Muon group (with `muon_options`). `kwargs` (lr, betas, weight
+    decay) go to either; `setting` names the config key in errors."""
+    check_optimizer(name, setting)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, **kwargs)
+    check_unsharded(trainer, setting)
+    return MuonAdamW(with_muon_group(groups, matrices, **(muon_options or {})), **kwargs)

@@ -35,7 +35,7 @@ from .attention_kernel import runs_on_cpu
 from .clip import TrainResult  # the same result record as the CLIP and generation recipes
 from .compile import check_compile, use_compile
 from .distributed import TrainerConfig, make_trainer
-from .muon import MuonAdamW, check_optimizer, check_unsharded, hidden_matrices, with_muon_group
+from .muon import check_optimizer, hidden_matrices, make_optimizer
 from .packing import IGNORE, Packer, PackedRow, collate_rows, packed_attention_mask
 from .schedule import warmup_cosine
 
@@ -215,13 +215,10 @@ class UnderstandingModule(L.LightningModule):
                 excluded = p.ndim < 2 or "embed" in name or "norm" in name
                 (no_decay if excluded else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if self.cfg.optimizer == "muon":  # the decoder layers' matrices; embeddings, head and projector keep AdamW
-            check_unsharded(self._trainer, "understanding.train.optimizer")
-            matrices = hidden_matrices(self.backbone.lm.model.layers)
-            opt = MuonAdamW(with_muon_group(groups, matrices, weight_decay=self.cfg.weight_decay),
-                            lr=self.cfg.lr, betas=(0.9, 0.98))
-        else:
-            opt = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(0.9, 0.98))
+        # muon: the decoder layers' matrices; embeddings, head and projector keep AdamW
+        opt = make_optimizer(self.cfg.optimizer, groups, hidden_matrices(self.backbone.lm.model.layers),
+                             "understanding.train.optimizer", self._trainer,
+                             muon_options={"weight_decay": self.cfg.weight_decay}, lr=self.cfg.lr, betas=(0.9, 0.98))
         return warmup_cosine(opt, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr_ratio)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from blip3o_mini.training import muon
 from blip3o_mini.training.muon import MuonAdamW, hidden_matrices, newton_schulz, with_muon_group
 
 
@@ -15,9 +16,10 @@ def steps(opt, params, grads):
         opt.step()
 
 
-def test_muon_groups_step_as_torch_muon_with_adamw_scaling():
+def test_muon_groups_step_as_torch_muon_with_adamw_scaling(monkeypatch):
     """Same-shape matrices go through Newton-Schulz as one batch: the result is torch's
-    one-at-a-time Muon exactly, wide and tall matrices alike."""
+    one-at-a-time Muon exactly (both in bf16), wide and tall matrices alike."""
+    monkeypatch.setattr(muon, "ns_dtype", lambda device: torch.bfloat16)  # torch's, on any CPU
     torch.manual_seed(0)
     shapes = [(24, 16), (24, 16), (16, 24)]
     ours = [nn.Parameter(torch.randn(s)) for s in shapes]
@@ -28,21 +30,37 @@ def test_muon_groups_step_as_torch_muon_with_adamw_scaling():
     assert all(torch.equal(a, b) for a, b in zip(ours, ref))
 
 
-def test_other_groups_step_as_torch_adamw():
+@pytest.mark.parametrize("fused", [False, True])
+def test_other_groups_step_as_torch_adamw(fused):
+    """The AdamW groups, one tensor at a time or in torch's fused kernel (`fused`, the CLIP recipe)."""
     torch.manual_seed(0)
     w = torch.randn(7, 5)
     ours, ref = nn.Parameter(w.clone()), nn.Parameter(w.clone())
     grads = [[torch.randn(7, 5)] for _ in range(4)]
-    steps(MuonAdamW([ours], lr=0.01, weight_decay=0.05, betas=(0.9, 0.98)), [ours], grads)
+    opt = MuonAdamW([ours], lr=0.01, weight_decay=0.05, betas=(0.9, 0.98), fused=fused)
+    steps(opt, [ours], grads)
+    assert int(opt.state[ours]["step"]) == 4
     steps(torch.optim.AdamW([ref], lr=0.01, weight_decay=0.05, betas=(0.9, 0.98), foreach=False), [ref], grads)
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
 
 
-def test_newton_schulz_flattens_the_spectrum():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_newton_schulz_flattens_the_spectrum(dtype):
     torch.manual_seed(0)
     g = torch.randn(32, 8) @ torch.diag(torch.logspace(-1.5, 0.5, 8))  # singular values over 2 decades
-    s = torch.linalg.svdvals(newton_schulz(g).float())
+    s = torch.linalg.svdvals(newton_schulz(g, dtype=dtype).float())
     assert s.min() > 0.5 and s.max() < 1.5, s  # every direction moves at about the same rate
+
+
+def test_newton_schulz_runs_in_fp32_on_cpus_without_bf16(monkeypatch):
+    """Such CPUs emulate bf16 products (hundreds of times slower): Newton-Schulz uses fp32 there."""
+    from blip3o_mini.training import distributed
+
+    monkeypatch.setattr(distributed, "cpu_has_bf16", lambda: False)
+    assert muon.ns_dtype(torch.device("cpu")) == torch.float32
+    assert muon.ns_dtype(torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(distributed, "cpu_has_bf16", lambda: True)
+    assert muon.ns_dtype(torch.device("cpu")) == torch.bfloat16
 
 
 def test_only_matrices_go_to_muon():

@@ -158,8 +158,10 @@ def test_eva_family_32x32_grid_pools_4x4(tmp_path):
         torch.testing.assert_close(ClipEncoder.load(tmp_path).encode_tokens(images), tokens)
 
 
-def test_training_smoke_loss_decreases(tmp_path):
-    """A few contrastive steps with open_clip's ClipLoss lower the loss (and leave a resumable ckpt)."""
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_training_smoke_loss_decreases(tmp_path, optimizer):
+    """A few contrastive steps with open_clip's ClipLoss lower the loss (and leave a resumable
+    ckpt), with AdamW and with Muon for the towers' matrices."""
     from blip3o_mini.data import make_sample
     from blip3o_mini.data.tensors import images_uint8
     from blip3o_mini.training.clip import ClipTrainConfig, train_clip
@@ -173,7 +175,7 @@ def test_training_smoke_loss_decreases(tmp_path):
     torch.manual_seed(0)
     enc = ClipEncoder()
     cfg = ClipTrainConfig(batch_size=32, max_steps=8, lr=2e-3, warmup_steps=1, log_every=1,
-                          precision="32-true", checkpoint_every=4)
+                          precision="32-true", checkpoint_every=4, optimizer=optimizer)
     result = train_clip(enc, images_uint8(split), [r["captions"][:1] for r in rows], cfg, tmp_path,
                         trainer=TrainerConfig(accelerator="cpu", precision="32-true"))
     losses = [loss for _, loss in result.loss_history]
@@ -202,6 +204,27 @@ def test_training_in_bf16_with_the_fused_adamw(tmp_path):
     result = train_clip(enc, images_uint8(split), [r["captions"][:1] for r in rows], cfg, tmp_path,
                         trainer=TrainerConfig(accelerator="cpu", precision="bf16-mixed"))
     assert result.steps == 2 and all(math.isfinite(loss) for _, loss in result.loss_history)
+
+
+def test_muon_takes_both_towers_block_matrices():
+    """`optimizer: muon`: the Linear weights of the image and text towers' blocks step with Muon;
+    the fused qkv projections, embeddings, norms and the temperature keep the fused AdamW."""
+    from blip3o_mini.training.clip import ClipModule, ClipTrainConfig
+    from blip3o_mini.training.muon import MuonAdamW, hidden_matrices
+
+    enc = ClipEncoder()
+    model = enc.model
+    opt = ClipModule(enc, ClipTrainConfig(optimizer="muon")).configure_optimizers()["optimizer"]
+    decay, no_decay, muon = opt.param_groups
+    assert isinstance(opt, MuonAdamW) and muon["muon"] and decay["fused"] and not decay["muon"]
+    matrices = hidden_matrices(model.visual.transformer) + hidden_matrices(model.transformer)
+    assert {id(p) for p in muon["params"]} == {id(p) for p in matrices} and muon["weight_decay"] == 0.1
+    assert len(matrices) == 3 * (4 + 3)  # attention out, MLP in and out in each of 4 + 3 blocks
+    kept = {id(p) for p in decay["params"] + no_decay["params"]}
+    assert id(model.token_embedding.weight) in kept and id(model.logit_scale) in kept
+    assert all(id(b.attn.in_proj_weight) in kept for b in model.transformer.resblocks)
+    with pytest.raises(ValueError, match="clip.train.optimizer must be adamw or muon, got 'lion'"):
+        ClipTrainConfig(optimizer="lion")
 
 
 def test_hard_negative_swaps_one_shape_and_never_a_held_out_pair():

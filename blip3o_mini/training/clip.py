@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.world import COLORS, HELD_OUT, SHAPES
 from ..vision import ClipEncoder
 from .distributed import TrainerConfig, make_trainer
+from .muon import check_optimizer, hidden_matrices, make_optimizer
 from .schedule import adamw, warmup_cosine
 
 MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learnable temperature here
@@ -48,6 +49,11 @@ class ClipTrainConfig:
     log_every: int = 10
     checkpoint_every: int = 50
     hard_negatives: bool = True  # add one shape-swapped caption per sample as an extra negative
+    # adamw, or muon: Muon for both towers' block matrices, AdamW for the rest (training/muon.py)
+    optimizer: str = "adamw"
+
+    def __post_init__(self):
+        check_optimizer(self.optimizer, "clip.train.optimizer")
 
 
 _SHAPE_PHRASE = re.compile(r"\b(?:(" + "|".join(COLORS) + r") )?(" + "|".join(SHAPES) + r")(s?)\b")
@@ -123,9 +129,15 @@ class ClipModule(L.LightningModule):
         for name, p in self.encoder.model.named_parameters():
             excluded = p.ndim < 2 or "embedding" in name or "logit_scale" in name or "ln" in name
             (no_decay if excluded else decay).append(p)
-        opt = adamw([{"params": decay, "weight_decay": self.cfg.weight_decay},
-                     {"params": no_decay, "weight_decay": 0.0}],
-                    lr=self.cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if self.cfg.optimizer == "adamw":
+            opt = adamw(groups, lr=self.cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+        else:  # muon: the Linear weights of both towers' blocks (attention out, MLP); the fused qkv stays AdamW
+            model = self.encoder.model
+            matrices = hidden_matrices(model.visual.transformer) + hidden_matrices(model.transformer)
+            opt = make_optimizer("muon", groups, matrices, "clip.train.optimizer", self._trainer,
+                                 muon_options={"weight_decay": self.cfg.weight_decay},
+                                 lr=self.cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
         return warmup_cosine(opt, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr_ratio)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -98,7 +98,7 @@ def test_bench_optimizer_step_times_both_optimizers(monkeypatch):
     import bench_optimizer_step
 
     rows = bench_optimizer_step.main(["--steps", "1", "--warmup", "0"])
-    assert len(rows) == 4 and all(ms > 0 for ms in rows.values())
+    assert len(rows) == 5 and all(ms > 0 for ms in rows.values())
 
 
 def test_sharding_strategies_are_refused():

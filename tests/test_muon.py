@@ -38,8 +38,11 @@ def test_other_groups_step_as_torch_adamw(fused):
     ours, ref = nn.Parameter(w.clone()), nn.Parameter(w.clone())
     grads = [[torch.randn(7, 5)] for _ in range(4)]
     opt = MuonAdamW([ours], lr=0.01, weight_decay=0.05, betas=(0.9, 0.98), fused=fused)
-    steps(opt, [ours], grads)
-    assert int(opt.state[ours]["step"]) == 4
+    steps(opt, [ours], grads[:2])
+    resumed = MuonAdamW([ours], lr=0.01, weight_decay=0.05, betas=(0.9, 0.98), fused=fused)
+    resumed.load_state_dict(opt.state_dict())  # as from a checkpoint: the moments and step counts
+    steps(resumed, [ours], grads[2:])
+    assert int(resumed.state[ours]["step"]) == 4
     steps(torch.optim.AdamW([ref], lr=0.01, weight_decay=0.05, betas=(0.9, 0.98), foreach=False), [ref], grads)
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
 

@@ -27,7 +27,7 @@ def ns_dtype(device: torch.device) -> torch.dtype:
     """Newton-Schulz's dtype: bf16 (as torch.optim.Muon; the iteration is insensitive to
     rounding) on GPUs and on CPUs with bf16 instructions; fp32 on other CPUs, which emulate every
     bf16 product: on a 2-core AVX2 CPU a Muon step over the toy CLIP's matrices took 1.27 s in
-    bf16 (0.3 GFLOP/s) and 12 ms in fp32."""
+    bf16 (0.3 GFLOP/s) and 43 ms in fp32."""
     from .distributed import cpu_has_bf16
 
     return torch.bfloat16 if device.type != "cpu" or cpu_has_bf16() else torch.float32
@@ -122,8 +122,9 @@ def _adamw_step(p: Tensor, state: dict, group: dict) -> None:
 def _fused_adamw_step(params: list[Tensor], state: dict, group: dict) -> None:
     """`_adamw_step` for a whole group at once, in torch's fused AdamW kernel."""
     for p in params:
-        if not state[p]:
-            state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        if not state[p]:  # the fused kernel takes each step count as a tensor beside its weight
+            state[p].update(step=torch.zeros((), device=p.device), exp_avg=torch.zeros_like(p),
+                            exp_avg_sq=torch.zeros_like(p))
     (b1, b2), st = group["betas"], [state[p] for p in params]
     adamw(params, [p.grad for p in params], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st], [],
           [s["step"] for s in st], fused=True, amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"],

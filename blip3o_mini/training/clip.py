@@ -31,7 +31,7 @@ from ..data.world import COLORS, HELD_OUT, SHAPES
 from ..vision import ClipEncoder
 from .distributed import TrainerConfig, make_trainer
 from .muon import check_optimizer, hidden_matrices, make_optimizer
-from .schedule import adamw, warmup_cosine
+from .schedule import warmup_cosine
 
 MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learnable temperature here
 
@@ -130,14 +130,12 @@ class ClipModule(L.LightningModule):
             excluded = p.ndim < 2 or "embedding" in name or "logit_scale" in name or "ln" in name
             (no_decay if excluded else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if self.cfg.optimizer == "adamw":
-            opt = adamw(groups, lr=self.cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-        else:  # muon: the Linear weights of both towers' blocks (attention out, MLP); the fused qkv stays AdamW
-            model = self.encoder.model
-            matrices = hidden_matrices(model.visual.transformer) + hidden_matrices(model.transformer)
-            opt = make_optimizer("muon", groups, matrices, "clip.train.optimizer", self._trainer,
-                                 muon_options={"weight_decay": self.cfg.weight_decay},
-                                 lr=self.cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
+        # muon: the Linear weights of both towers' blocks (attention out, MLP); the fused qkv stays AdamW
+        model = self.encoder.model
+        matrices = hidden_matrices(model.visual.transformer) + hidden_matrices(model.transformer)
+        opt = make_optimizer(self.cfg.optimizer, groups, matrices, "clip.train.optimizer", self._trainer,
+                             muon_options={"weight_decay": self.cfg.weight_decay}, fused=True,
+                             lr=self.cfg.lr, betas=(0.9, 0.98), eps=1e-6)
         return warmup_cosine(opt, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr_ratio)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -18,7 +18,9 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.optim.adamw import adamw
+from torch.optim.adamw import adamw as adamw_functional
+
+from .schedule import adamw, fusable
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic, as torch.optim.Muon
 
@@ -126,9 +128,9 @@ def _fused_adamw_step(params: list[Tensor], state: dict, group: dict) -> None:
             state[p].update(step=torch.zeros((), device=p.device), exp_avg=torch.zeros_like(p),
                             exp_avg_sq=torch.zeros_like(p))
     (b1, b2), st = group["betas"], [state[p] for p in params]
-    adamw(params, [p.grad for p in params], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st], [],
-          [s["step"] for s in st], fused=True, amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"],
-          weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+    adamw_functional(params, [p.grad for p in params], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
+                     [], [s["step"] for s in st], fused=True, amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"],
+                     weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
 def hidden_matrices(blocks: nn.Module) -> list[Tensor]:
@@ -161,12 +163,16 @@ def check_unsharded(trainer, setting: str) -> None:
 
 
 def make_optimizer(name: str, groups: list[dict], matrices: list[Tensor], setting: str, trainer=None,
-                   muon_options: dict | None = None, **kwargs) -> torch.optim.Optimizer:
+                   muon_options: dict | None = None, fused: bool = False, **kwargs) -> torch.optim.Optimizer:
     """A recipe's optimizer: `torch.optim.AdamW` over `groups`, or for `name` muon a `MuonAdamW`
-    with `matrices` moved into a Muon group (with `muon_options`). `kwargs` (lr, betas, weight
-    decay) go to either; `setting` names the config key in errors."""
+    with `matrices` moved into a Muon group (with `muon_options`). `fused`: AdamW's part in
+    torch's fused kernel where every parameter allows it (`schedule.adamw`; recipes that do not
+    clip gradients). `kwargs` (lr, betas, weight decay) go to either; `setting` names the config
+    key in errors."""
     check_optimizer(name, setting)
     if name == "adamw":
-        return torch.optim.AdamW(groups, **kwargs)
+        return adamw(groups, **kwargs) if fused else torch.optim.AdamW(groups, **kwargs)
     check_unsharded(trainer, setting)
-    return MuonAdamW(with_muon_group(groups, matrices, **(muon_options or {})), **kwargs)
+    groups = with_muon_group(groups, matrices, **(muon_options or {}))
+    rest = [p for g in groups if not g.get("muon") for p in g["params"]]
+    return MuonAdamW(groups, fused=fused and fusable(rest), **kwargs)

@@ -33,13 +33,18 @@ def adamw(groups, **kwargs) -> torch.optim.AdamW:
     fused optimizer (it assumes the optimizer unscales gradients itself), so the understanding,
     generation and decoder recipes, which clip, keep the per-tensor AdamW.
     """
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
     groups = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in groups]
     params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
-    fused = all(p.dtype.is_floating_point and p.device.type in _get_fused_kernels_supported_devices()
-                for p in params)
-    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
+    return torch.optim.AdamW(groups, fused=fusable(params) or None, **kwargs)
+
+
+def fusable(params) -> bool:
+    """Whether torch's fused AdamW kernel takes every one of `params` (floating point, on a
+    device it supports)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return all(p.dtype.is_floating_point and p.device.type in _get_fused_kernels_supported_devices()
+               for p in params)
 
 
 def warmup_cosine(opt: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float) -> dict:

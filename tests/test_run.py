@@ -384,3 +384,52 @@ def test_same_noise_prompts_script(tiny_run, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "a photo of a circle"])
     with pytest.raises(SystemExit, match="two or more prompts"):
         runpy.run_path(str(script), run_name="__main__")
+
+
+def test_probe_condition_labels_and_control():
+    """scripts/probe_condition.py: "A left of B" puts A on the left, "A right of B" puts B there
+    (above / below alike); a colour-attribution prompt binds each shape to its colour; the
+    probe reads labels that the features hold, and on an unordered bag of words, which cannot
+    tell "a red circle left of a blue square" from "a blue square left of a red circle", it
+    stays at or below 0.5."""
+    import runpy
+    from pathlib import Path
+
+    from blip3o_mini.evaluation.prompts import compositions
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "probe_condition.py"))
+    position = {m["prompt"]: m for m in compositions("position")}
+    label = script["position_labels"]
+    assert label(position["a photo of a red circle left of a blue square"]) == {"left": ("red", "circle")}
+    assert label(position["a photo of a red circle right of a blue square"]) == {"left": ("blue", "square")}
+    assert label(position["a photo of a red circle above a blue square"]) == {"top": ("red", "circle")}
+    assert label(position["a photo of a red circle below a blue square"]) == {"top": ("blue", "square")}
+    attr = {m["prompt"]: m for m in compositions("color_attr")}
+    assert script["attribution_labels"](attr["a photo of a red circle and a blue square"]) == {
+        "circle": "red", "square": "blue"}
+
+    metas = [m for m in position.values() if m["include"][1]["position"][0] in ("left of", "right of")]
+    colours = [label(m)["left"][0] for m in metas]
+    probe = script["cross_validated"]
+    classes = sorted(set(colours))
+    one_hot = torch.nn.functional.one_hot(torch.tensor([classes.index(c) for c in colours])).float()
+    assert probe(one_hot + 0.1 * torch.randn(one_hot.shape), colours) == 1.0
+    assert probe(script["bag_of_words"]([m["prompt"] for m in metas]), colours) <= 0.5
+
+
+def test_probe_condition_script(tiny_run, monkeypatch, capsys):
+    """scripts/probe_condition.py on a finished run: one accuracy per label and representation."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    _, out = tiny_run
+    script = Path(__file__).parents[1] / "scripts" / "probe_condition.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out)])
+    runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0] == "900 prompts; held-out accuracy of a linear probe (5-fold cross-validated)"
+    results = json.loads(printed[-1])
+    assert len(results) == 7 and "position: the left object's colour" in results
+    assert all(set(r) == {"Q trained, mean+last", "Q trained, all queries", "Q random, all queries", "bag of words"}
+               and all(0.0 <= v <= 1.0 for v in r.values()) for r in results.values())

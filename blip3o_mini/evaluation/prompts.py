@@ -64,7 +64,7 @@ def _a(shape: str, color: str | None = None) -> str:
     return noun_phrase(1, shape, color)
 
 
-def _compositions(tag: str) -> list[dict]:
+def compositions(tag: str) -> list[dict]:
     """Every distinct prompt of a tag, in a fixed order."""
     pairs = [(c, s) for c in COLORS for s in SHAPES]
     if tag == "single_object":
@@ -95,7 +95,7 @@ def make_prompts(per_tag: int = PER_TAG, seed: int = 0) -> list[dict]:
         raise ValueError(f"per_tag must be >= 1, got {per_tag}")
     out: list[dict] = []
     for t, tag in enumerate(TAGS):
-        comps = _compositions(tag)
+        comps = compositions(tag)
         if len(comps) <= per_tag:  # small tags: every composition, repeated round-robin
             out += [comps[i % len(comps)] for i in range(per_tag)]
         else:

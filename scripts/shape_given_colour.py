@@ -9,6 +9,12 @@ with its colour (tags colors, position, color_attr) it counts whether an object 
 was drawn, and whether one of them has the asked shape; then, per asked shape, what the first
 object of the asked colour was drawn as. A low "shape | colour" with a high "colour drawn" says
 the objects are there, in the right colours, with the wrong outlines (docs/status.md).
+
+For position prompts ("a photo of a red circle left of a blue square") it also asks whether the
+relation is drawn, whatever the shapes: in the images holding both named colours, how often the
+largest object of the first colour stands in the asked relation to the largest of the second
+(GenEval's rule), and how often in the opposite one. A generator that ignores the relation
+draws both about equally often.
 """
 
 from __future__ import annotations
@@ -29,17 +35,21 @@ def geneval_folder(path: Path) -> Path:
                      "run the evaluation stage (blip3o-mini run) first")
 
 
-def shape_given_colour(folder: Path) -> tuple[dict[str, Counter], Counter]:
-    """Per tag: asked / colour drawn / colour and shape counts; and (asked, drawn) shape pairs."""
+def scored(folder: Path) -> list[tuple[dict, dict]]:
+    """(GenEval-mini record, its prompt's metadata) for every image of the folder."""
     from blip3o_mini.evaluation.folder import read_geneval_folder
     from blip3o_mini.evaluation.score import score_folder
 
-    result = score_folder(folder, write=False)
     metadata = {name: m for name, m, _ in read_geneval_folder(folder)}  # prompt folder -> its metadata
+    return [(r, metadata[r["filename"].split("/")[0]]) for r in score_folder(folder, write=False).records]
+
+
+def shape_given_colour(images: list[tuple[dict, dict]]) -> tuple[dict[str, Counter], Counter]:
+    """Per tag: asked / colour drawn / colour and shape counts; and (asked, drawn) shape pairs."""
     stats: dict[str, Counter] = defaultdict(Counter)
     confused: Counter = Counter()
-    for record in result.records:
-        for req in metadata[record["filename"].split("/")[0]]["include"]:
+    for record, meta in images:
+        for req in meta["include"]:
             if "color" not in req:
                 continue
             same_colour = [d for d in record["detections"] if d["color"] == req["color"]]
@@ -52,12 +62,38 @@ def shape_given_colour(folder: Path) -> tuple[dict[str, Counter], Counter]:
     return dict(stats), confused
 
 
+def relation_given_colours(images: list[tuple[dict, dict]]) -> Counter:
+    """Position prompts: images with both named colours drawn, and how many of them draw the
+    asked relation or its opposite between the largest object of each colour."""
+    from blip3o_mini.data.text import INVERSE
+    from blip3o_mini.evaluation.prompts import relative_position
+
+    counts: Counter = Counter()
+    for record, meta in images:
+        if record["tag"] != "position":
+            continue
+        reference, anchored = meta["include"]  # GenEval: "A rel B", A = include[1], B = include[0]
+        largest = {}
+        for d in record["detections"]:
+            if d["area"] > largest.get(d["color"], {"area": -1})["area"]:
+                largest[d["color"]] = d
+        if anchored["color"] not in largest or reference["color"] not in largest:
+            continue
+        rels = relative_position(largest[anchored["color"]]["bbox"], largest[reference["color"]]["bbox"])
+        rel = anchored["position"][0]
+        counts["both colours"] += 1
+        counts["asked"] += rel in rels
+        counts["opposite"] += INVERSE[rel] in rels
+    return counts
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", type=Path, nargs="+", help="run directories or GenEval folders")
     args = p.parse_args()
     for path in args.runs:
-        stats, confused = shape_given_colour(geneval_folder(path))
+        images = scored(geneval_folder(path))
+        stats, confused = shape_given_colour(images)
         print(f"{path.name}: per object a prompt names with its colour")
         print(f"  {'tag':<12} {'asked':>5} {'colour drawn':>12} {'colour+shape':>12} {'shape | colour':>14}")
         for tag, s in stats.items():
@@ -71,6 +107,11 @@ def main() -> None:
             as_what = ", ".join(f"{shape} {confused[(asked, shape)] / drawn[asked]:.2f}"
                                 for shape in sorted({s for a, s in confused if a == asked}))
             print(f"  asked {asked}: drawn as {as_what} (n={drawn[asked]})")
+        rel = relation_given_colours(images)
+        if rel["both colours"]:
+            n = rel["both colours"]
+            print(f"  position prompts with both colours drawn: {n}; the asked relation between them "
+                  f"{rel['asked'] / n:.2f}, the opposite {rel['opposite'] / n:.2f}")
 
 
 if __name__ == "__main__":

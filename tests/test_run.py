@@ -362,6 +362,37 @@ def test_shape_given_colour_script(tmp_path, monkeypatch, capsys):
         runpy.run_path(str(script), run_name="__main__")
 
 
+def test_shape_given_colour_relation_between_colours(tmp_path, monkeypatch, capsys):
+    """scripts/shape_given_colour.py's position line: reference renders draw every asked relation;
+    the same scenes drawn mirrored (each relation replaced by its inverse) draw the opposite."""
+    import copy
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from blip3o_mini.data.text import INVERSE
+    from blip3o_mini.evaluation.folder import write_geneval_folder
+    from blip3o_mini.evaluation.prompts import make_prompts
+    from blip3o_mini.evaluation.reference import reference_images
+
+    prompts = [m for m in make_prompts(per_tag=12) if m["tag"] == "position"]
+
+    def mirrored(batch, seed):
+        flipped = copy.deepcopy(batch)
+        for m in flipped:
+            m["include"][1]["position"][0] = INVERSE[m["include"][1]["position"][0]]
+        return reference_images(flipped, seed)
+
+    write_geneval_folder(tmp_path / "right", prompts, reference_images, samples_per_prompt=1)
+    write_geneval_folder(tmp_path / "mirrored", prompts, mirrored, samples_per_prompt=1)
+    script = Path(__file__).parents[1] / "scripts" / "shape_given_colour.py"
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "right"), str(tmp_path / "mirrored")])
+    runpy.run_path(str(script), run_name="__main__")
+    right, mirror = capsys.readouterr().out.split("mirrored: per object")
+    assert "both colours drawn: 12; the asked relation between them 1.00, the opposite 0.00" in right
+    assert "both colours drawn: 12; the asked relation between them 0.00, the opposite 1.00" in mirror
+
+
 def test_same_noise_prompts_script(tiny_run, monkeypatch, capsys):
     """scripts/same_noise_prompts.py: a prompt against itself differs in nothing (same noise,
     same condition); another prompt moves the condition Q."""

@@ -39,7 +39,7 @@ def position_labels(meta: dict) -> dict[str, tuple[str, str]]:
     """`{"left" or "top": (colour, shape)}` of a GenEval-mini position prompt's metadata."""
     reference, anchored = meta["include"]  # GenEval: include[1] is A, "A rel B", B = include[0]
     rel = anchored["position"][0]
-    first, second = (anchored, reference) if rel in ("left of", "above") else (reference, anchored)
+    first = anchored if rel in ("left of", "above") else reference  # the one on the left / on top
     key = "left" if rel in ("left of", "right of") else "top"
     return {key: (first["color"], first["class"])}
 

@@ -31,6 +31,7 @@ from .dit import DiTConfig, NextDiT
 from .flow import FlowLoss, FlowMatching
 
 FEATURE_NORMS = ("none", "standardize", "whiten")
+COND_NORMS = ("none", "standardize", "whiten")
 
 
 class QueryBackbone(Protocol):
@@ -55,6 +56,15 @@ class GeneratorConfig:
     # variance, every direction weighs the same in the loss; 0: rotated only, the largest
     # directions dominate as with `standardize`; 0.25 between (it scored lower: docs/status.md).
     whiten_power: float = 0.5
+    # The condition Q before the DiT's caption projection: raw, as BLIP3-o (`none`), or centred on
+    # the mean Q of training prompts and scaled per dimension (`standardize`) or whitened
+    # (`whiten`), so a direction that varies little across prompts (where an object stands)
+    # reaches the DiT as loud as one that varies much (its colour). Measured once, with the
+    # initial queries, at the stage's start (`fit_condition_norm`).
+    cond_norm: str = "none"
+    # With cond_norm `whiten`: variances below this fraction of the mean variance are raised to
+    # it, so directions that are numerical noise are not blown up to unit scale.
+    cond_floor: float = 0.01
     dit: dict = field(default_factory=dict)  # DiTConfig overrides; in_dim/cond_dim filled in
     flow: dict = field(default_factory=dict)  # FlowMatching overrides (drop prob, steps, CFG)
 
@@ -66,6 +76,10 @@ class GeneratorConfig:
                              "(or null to keep every direction)")
         if not 0 <= self.whiten_power <= 0.5 or (self.whiten_power != 0.5 and self.feature_norm != "whiten"):
             raise ValueError(f"whiten_power={self.whiten_power} must lie in [0, 0.5] and needs feature_norm: whiten")
+        if self.cond_norm not in COND_NORMS:
+            raise ValueError(f"unknown cond_norm {self.cond_norm!r}; choose one of {COND_NORMS}")
+        if not 0 < self.cond_floor <= 1:
+            raise ValueError(f"cond_floor={self.cond_floor} must lie in (0, 1]")
 
 
 class Blip3oGenerator(nn.Module):
@@ -92,6 +106,9 @@ class Blip3oGenerator(nn.Module):
             var, basis = whitening if whitening is not None else (torch.ones(feature_dim), torch.eye(feature_dim))
             self.register_buffer("feature_pca_var", var[:latent_dim].float().clone())  # (L,)
             self.register_buffer("feature_pca_basis", basis[:, :latent_dim].float().clone())  # (F, L), one per column
+        if cfg.cond_norm != "none":  # Q -> (Q - cond_mean) @ cond_transform; identity until fitted
+            self.register_buffer("cond_mean", torch.zeros(cfg.num_query_tokens, cond_dim))  # (Nq, K)
+            self.register_buffer("cond_transform", torch.eye(cond_dim))  # (K, K)
 
     def config_dict(self) -> dict:
         return {"generator": asdict(self.cfg), "feature_dim": self.feature_dim,
@@ -120,11 +137,36 @@ class Blip3oGenerator(nn.Module):
         With `chunk_size`, the prompts go through the backbone that many at a time (thousands
         of prompts at once would hold the LM's activations for all of them). `run_lm`: the
         backbone's LM in another form (training passes the compiled one)."""
+        q = self.raw_condition(backbone, prompts, chunk_size, run_lm)  # (B, Nq, K)
+        if self.cfg.cond_norm == "none":
+            return q
+        return (q - self.cond_mean.to(q.dtype)) @ self.cond_transform.to(q.dtype)  # (B, Nq, K)
+
+    def raw_condition(self, backbone: QueryBackbone, prompts: list[str], chunk_size: int | None = None,
+                      run_lm=None) -> Tensor:
+        """Q as the backbone returns it, before `cond_norm`: (B, Nq, K)."""
         extra = {} if run_lm is None else {"run_lm": run_lm}  # a QueryBackbone need not take it
         if chunk_size is None or len(prompts) <= chunk_size:
             return backbone.query_states(prompts, self.queries, **extra)
         return torch.cat([backbone.query_states(prompts[i:i + chunk_size], self.queries, **extra)
                           for i in range(0, len(prompts), chunk_size)])  # (B, Nq, K)
+
+    @torch.no_grad()
+    def fit_condition_norm(self, backbone: QueryBackbone, prompts: list[str], chunk_size: int = 256) -> None:
+        """Measure `cond_norm`'s statistics on the Q of `prompts` (training captions) with the
+        current queries: the mean Q of each query position, and a per-dimension scale
+        (`standardize`) or the inverse square root of the covariance (`whiten`, ZCA: it keeps
+        the K axes, so the caption projection's width is unchanged)."""
+        if self.cfg.cond_norm == "none":
+            return
+        q = self.raw_condition(backbone, prompts, chunk_size).float()  # (P, Nq, K)
+        mean = q.mean(dim=0)  # (Nq, K): each query position has its own typical state
+        z = (q - mean).flatten(0, 1)  # (P * Nq, K)
+        var, basis = condition_variances(z, self.cfg.cond_norm)
+        var = var.clamp_min(self.cfg.cond_floor * var.mean())  # (K,)
+        transform = basis * var.rsqrt() @ basis.T  # (K, K): diag(std)^-1 for standardize, ZCA for whiten
+        self.cond_mean.copy_(mean)
+        self.cond_transform.copy_(transform)
 
     def loss(self, backbone: QueryBackbone, prompts: list[str], features: Tensor,
              generator: torch.Generator | None = None, dit=None, run_lm=None) -> FlowLoss:
@@ -156,3 +198,12 @@ class Blip3oGenerator(nn.Module):
                                   sde_noise=sde_noise)
         features = self.denormalize(result.x_1)  # (B, N, F)
         return (features, result) if return_trajectory else features
+
+
+def condition_variances(z: Tensor, norm: str) -> tuple[Tensor, Tensor]:
+    """Variances (K,) of centred conditions z (M, K) along the axes (`standardize`) or the
+    principal directions (`whiten`), and those directions as columns (K, K)."""
+    if norm == "standardize":
+        return z.var(dim=0), torch.eye(z.shape[1], dtype=z.dtype)
+    var, basis = torch.linalg.eigh(z.T @ z / (len(z) - 1))  # ascending; (K,), (K, K)
+    return var.clamp_min(0), basis

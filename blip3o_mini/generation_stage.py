@@ -119,6 +119,8 @@ def generation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
 
     torch.manual_seed(train_cfg.seed)
     generator = Blip3oGenerator(gen_cfg, feature_dim, backbone.hidden_size, mean, std, whitening)
+    if gen_cfg.cond_norm != "none":  # Q's statistics with the initial queries, before the first step
+        fit_condition_norm(generator, backbone, condition_prompts(dataset, COND_NORM_PROMPTS, train_cfg.seed))
     ckpt_dir = out / f"lightning-{key}"
     remove_stale_checkpoints(out, ckpt_dir)
     result = train(cfg, generator, backbone, dataset, ckpt_dir, encoder)
@@ -138,6 +140,30 @@ def generation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
                               {"generation": section, "clip_key": clip.key, "understanding_key": und.key})
 
     return finish_on_rank_zero("generation", key, out, result.trainer, write)
+
+
+COND_NORM_PROMPTS = 2048  # training captions whose Q measures `generation.cond_norm` (x 64 query positions)
+
+
+def condition_prompts(dataset, num: int, seed: int = 0) -> list[str]:
+    """`num` training prompts of a `(prompt, target)` dataset: a seeded sample of a map-style
+    one (a caption dataset's pairs without their features), the first `num` of a stream."""
+    import itertools
+
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return [text for text, _ in itertools.islice(iter(dataset), num)]
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num].tolist()
+    pairs = getattr(dataset, "pairs", None)  # CaptionFeatureDataset: (text, row) without loading features
+    return [pairs[i][0] if pairs is not None else dataset[i][0] for i in order]
+
+
+def fit_condition_norm(generator: Blip3oGenerator, backbone, prompts: list[str]) -> None:
+    """`generator.fit_condition_norm` on the accelerator when there is one (the full run's
+    backbone is too large to read thousands of prompts on the CPU), the modules back on the CPU after."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator.to(device), backbone.to(device)
+    generator.fit_condition_norm(backbone, prompts)
+    generator.cpu(), backbone.cpu()
 
 
 def train_metrics(result: TrainResult, generator: Blip3oGenerator) -> dict:

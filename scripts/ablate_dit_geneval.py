@@ -48,6 +48,8 @@ def main() -> None:
     p.add_argument("--whiten-dims", type=int, default=None, help="with whiten: keep this many directions")
     p.add_argument("--whiten-power", type=float, default=None,
                    help="with whiten: divide each direction by variance ** this (0.5: unit variance)")
+    p.add_argument("--cond-norm", choices=["none", "standardize", "whiten"], default=None,
+                   help="override generation.cond_norm (its statistics fitted here, with the run's queries)")
     p.add_argument("--dit-dim", type=int, default=None, help="override generation.dit.dim")
     p.add_argument("--dit-depth", type=int, default=None, help="override generation.dit.depth")
     p.add_argument("--dit-patch", type=int, default=None, help="override generation.dit.patch_size")
@@ -68,7 +70,10 @@ def main() -> None:
     cfg = run_config(run)
     pipe = Blip3oMiniPipeline.from_run(run, SamplingConfig.from_config(cfg))
     directions = validation_directions(pipe, run)  # the run's whitening, measured once
+    run_cond_norm = pipe.generator.cfg.cond_norm
     pipe.generator = with_overrides(pipe.generator, args, (directions["var"], directions["basis"]))
+    if pipe.generator.cfg.cond_norm not in ("none", run_cond_norm):  # as the stage fits it
+        fit_condition_norm(pipe, run, cfg)
     with stage_attention_kernel(cfg):  # the math SDPA kernel on CPU, as the stages run
         q, x, rows = cached_pairs(pipe, run, args.q_cache)
         results = train_and_score(pipe, q, x, rows, args, cfg, directions)
@@ -93,13 +98,31 @@ def with_overrides(gen, args, whitening: tuple):
     dit = gen.cfg.dit | {k: v for k, v in (("dim", args.dit_dim), ("depth", args.dit_depth),
                                            ("patch_size", args.dit_patch)) if v is not None}
     power = args.whiten_power if args.whiten_power is not None else gen.cfg.whiten_power if norm == "whiten" else 0.5
-    cfg = dataclasses.replace(gen.cfg, feature_norm=norm, whiten_dims=dims, whiten_power=power, flow=flow, dit=dit)
+    cfg = dataclasses.replace(gen.cfg, feature_norm=norm, whiten_dims=dims, whiten_power=power, flow=flow, dit=dit,
+                              cond_norm=args.cond_norm or gen.cfg.cond_norm)
     if cfg == gen.cfg:
         return gen
     new = Blip3oGenerator(cfg, gen.feature_dim, gen.dit_cfg.cond_dim, gen.feature_mean, gen.feature_std,
                           whitening if norm == "whiten" else None)
     new.queries = gen.queries
+    if cfg.cond_norm == gen.cfg.cond_norm != "none":  # the statistics the run's generation stage fitted
+        new.load_state_dict({k: v for k, v in gen.state_dict().items() if k.startswith("cond_")}, strict=False)
     return new
+
+
+def fit_condition_norm(pipe, run: Path, cfg: dict) -> None:
+    """Fit `--cond-norm`'s statistics on the run's training captions, with its queries, as the
+    generation stage does (`generation_stage.condition_prompts`)."""
+    import datasets
+
+    from blip3o_mini.describe import generation_configs
+    from blip3o_mini.generation_stage import COND_NORM_PROMPTS, condition_prompts
+    from blip3o_mini.training.generation import CaptionFeatureDataset
+
+    captions = datasets.load_from_disk(str(run / "data" / "shapesworld"))["train"]["captions"]
+    dataset = CaptionFeatureDataset(captions, torch.zeros(len(captions)))  # the prompts only
+    seed = generation_configs(cfg)[1].seed
+    pipe.generator.fit_condition_norm(pipe.backbone, condition_prompts(dataset, COND_NORM_PROMPTS, seed))
 
 
 def validation_directions(pipe, run: Path) -> dict:
@@ -147,10 +170,13 @@ def cached_pairs(pipe, run: Path, q_cache: Path | None):
 
 
 def condition_key(gen, backbone) -> str:
-    """What Q depends on: the backbone's weights and the queries (the `--q-cache` file's key)."""
+    """What Q depends on: the backbone's weights, the queries and `cond_norm`'s statistics (the
+    `--q-cache` file's key)."""
     from blip3o_mini.generation_stage import weights_hash
 
-    return f"{weights_hash(backbone)}-{weights_hash(torch.nn.ParameterList([gen.queries]))}"
+    stats = [getattr(gen, k) for k in ("cond_mean", "cond_transform") if hasattr(gen, k)]
+    return (f"{weights_hash(backbone)}-{weights_hash(torch.nn.ParameterList([gen.queries]))}"
+            + (f"-{weights_hash(torch.nn.ParameterList(stats))}" if stats else ""))
 
 
 def train_and_score(pipe, q, x, rows, args, cfg, directions: dict) -> dict:

@@ -106,6 +106,72 @@ def test_whitening_round_trip_and_unit_covariance():
     torch.testing.assert_close(fresh.normalize(x), gen.normalize(x))
 
 
+class LowRankQueries(nn.Module):
+    """A stand-in backbone whose Q varies along 4 directions of very different scale on top of a
+    large shared offset, as the toy's does: a prompt's words set the coordinates."""
+
+    hidden_size = K
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.offset = torch.randn(4, K, generator=g) * 5  # (Nq, K): every prompt's shared part
+        self.directions = torch.linalg.qr(torch.randn(K, 4, generator=g))[0].T * torch.tensor([[3.0], [1.0], [0.3], [0.1]])
+
+    def query_states(self, prompts, query_embeds):
+        coords = torch.stack([torch.tensor([float(w) for w in p.split()]) for p in prompts])  # (B, 4)
+        return self.offset + (coords @ self.directions)[:, None] + 0 * query_embeds.sum()  # (B, Nq, K)
+
+
+@pytest.mark.parametrize("norm", ["standardize", "whiten"])
+def test_condition_norm_centres_and_scales_q(norm):
+    """`cond_norm` removes Q's shared part and scales what varies between prompts: whitened, a
+    direction with 1/900 of the largest one's variance reaches the DiT as loud as it; the
+    statistics travel with the weights; `none` leaves Q as the backbone returns it."""
+    torch.manual_seed(0)
+    bb = LowRankQueries()
+    prompts = [" ".join(str(v) for v in torch.randn(4).tolist()) for _ in range(500)]
+    gen = tiny_generator(cond_norm=norm)
+    torch.testing.assert_close(gen.condition(bb, prompts[:3]), bb.query_states(prompts[:3], gen.queries))  # unfitted
+    gen.fit_condition_norm(bb, prompts, chunk_size=128)
+    q = gen.condition(bb, prompts)  # (500, Nq, K)
+    assert q.mean(0).abs().max() < 1e-3  # the shared offset is gone
+    coords = q[:, 0] @ torch.linalg.pinv(bb.directions)  # (500, 4): each direction's coordinate
+    loudness = coords.std(0) * bb.directions.norm(dim=1)  # what the DiT sees of each direction
+    if norm == "whiten":  # unit variance along every direction that varies
+        torch.testing.assert_close(loudness / loudness[0], torch.ones(4), rtol=0.1, atol=0)
+    else:  # per axis: the directions mix every axis, so the small one stays far quieter
+        assert loudness[3] < 0.3 * loudness[0]
+    fresh = tiny_generator(cond_norm=norm)
+    fresh.load_state_dict(gen.state_dict())
+    torch.testing.assert_close(fresh.condition(bb, prompts[:3]), q[:3], atol=1e-4, rtol=1e-4)
+    plain = tiny_generator()
+    plain.fit_condition_norm(bb, prompts)  # nothing to fit, no buffers added
+    assert "cond_mean" not in plain.state_dict()
+    torch.testing.assert_close(plain.condition(bb, prompts[:3]), bb.query_states(prompts[:3], plain.queries))
+    with pytest.raises(ValueError, match="cond_norm"):
+        GeneratorConfig(cond_norm="zca")
+
+
+def test_condition_prompts_sample_captions_seeded_or_stream_the_first():
+    """The prompts whose Q fits `cond_norm`: a seeded sample of a caption dataset's paraphrases
+    (the same for every rank and every resume), or the first of a stream."""
+    from blip3o_mini.generation_stage import condition_prompts
+
+    captions = [[f"caption {i}", f"paraphrase {i}"] for i in range(50)]
+    ds = CaptionFeatureDataset(captions, torch.zeros(50, 64, F))
+    a, b = condition_prompts(ds, 30, seed=0), condition_prompts(ds, 30, seed=0)
+    assert a == b and len(set(a)) == 30 and set(a) <= {t for c in captions for t in c}
+    assert condition_prompts(ds, 30, seed=1) != a
+    assert len(condition_prompts(ds, 500)) == 100  # no more than there are
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return ((f"caption {i}", torch.zeros(3)) for i in range(10))
+
+    assert condition_prompts(Stream(), 4) == [f"caption {i}" for i in range(4)]
+
+
 def test_whiten_power_sets_each_directions_variance():
     """`whiten_power` p leaves direction i with variance var_i ** (1 - 2p): 1 at p = 0.5, the
     standardised variance at p = 0 (rotation only), the square root between; always invertible."""

@@ -20,6 +20,7 @@ TINY = {
                                    "intermediate_size": 128},
                       "train": {"batch_size": 8, "max_steps": 2, "compile": False}, "eval": {"max_scenes": 6}},
     "generation": {"num_query_tokens": 8, "dit": {"dim": 32, "depth": 1, "num_heads": 2, "multiple_of": 16},
+                   "cond_norm": "whiten",  # Q whitened with statistics the stage fits, saved and loaded with the weights
                    "flow": {"num_steps": 2},  # compiling would add minutes; tests/test_compile.py covers it
                    "train": {"batch_size": 8, "max_steps": 2, "compile": False}},
     "decoder": {"block_out_channels": [8, 16], "cross_attention_dim": 16, "attention_head_dim": 8,
@@ -147,6 +148,9 @@ def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, 
     save_tensors(cache, load_tensors(cache), metadata={"key": "other queries"})  # a stale cache
     runpy.run_path(str(script), run_name="__main__")  # the second pass's arguments again
     assert "computed" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", sys.argv + ["--cond-norm", "standardize"])  # Q scaled another way
+    runpy.run_path(str(script), run_name="__main__")
+    assert "computed" in capsys.readouterr().out  # the cache holds the run's whitened Q, not this
     weights = load_tensors(saved)
     assert weights["x_embed.weight"].shape[1] == 8 and "blocks.1.qkv.weight" in weights  # 8 coordinates, 2 blocks
 
@@ -464,3 +468,28 @@ def test_probe_condition_script(tiny_run, monkeypatch, capsys):
     assert len(results) == 7 and "position: the left object's colour" in results
     assert all(set(r) == {"Q trained, mean+last", "Q trained, all queries", "Q random, all queries", "bag of words"}
                and all(0.0 <= v <= 1.0 for v in r.values()) for r in results.values())
+
+
+def test_condition_loudness_script(tiny_run, monkeypatch, capsys):
+    """scripts/condition_loudness.py: each position prompt flipped and recoloured, the moves of Q
+    raw, standardised and whitened; the run's generator carries the statistics its stage fitted."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from blip3o_mini.evaluation.prompts import compositions
+    from blip3o_mini.generation_stage import load_generator
+
+    _, out = tiny_run
+    gen = load_generator(out / "generation")
+    assert gen.cfg.cond_norm == "whiten" and not torch.equal(gen.cond_transform, torch.eye(len(gen.cond_transform)))
+    script = Path(__file__).parents[1] / "scripts" / "condition_loudness.py"
+    base, flipped, recoloured = runpy.run_path(str(script))["edits"](compositions("position"))
+    assert (base[0], flipped[0], recoloured[0]) == ("a photo of a red circle left of a green square",
+                                                    "a photo of a red circle right of a green square",
+                                                    "a photo of a blue circle left of a green square")
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out)])
+    runpy.run_path(str(script), run_name="__main__")
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(rows) == {"none", "standardize", "whiten"}
+    assert all(r["relation"] > 0 and r["colour"] > 0 for r in rows.values())

@@ -137,7 +137,10 @@ class Blip3oGenerator(nn.Module):
         With `chunk_size`, the prompts go through the backbone that many at a time (thousands
         of prompts at once would hold the LM's activations for all of them). `run_lm`: the
         backbone's LM in another form (training passes the compiled one)."""
-        q = self.raw_condition(backbone, prompts, chunk_size, run_lm)  # (B, Nq, K)
+        return self.normalize_condition(self.raw_condition(backbone, prompts, chunk_size, run_lm))  # (B, Nq, K)
+
+    def normalize_condition(self, q: Tensor) -> Tensor:
+        """`cond_norm` applied to raw Q (B, Nq, K): (Q - mean) @ transform, or Q itself."""
         if self.cfg.cond_norm == "none":
             return q
         return (q - self.cond_mean.to(q.dtype)) @ self.cond_transform.to(q.dtype)  # (B, Nq, K)

@@ -59,6 +59,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT's training forward, as the stage does")
     p.add_argument("--seed", type=int, default=0, help="the DiT's initialisation and batch draws (training-seed spread)")
     p.add_argument("--save", type=Path, default=None, help="write the final DiT weights here (.safetensors)")
+    p.add_argument("--images", type=Path, default=None,
+                   help="keep each scored set of images here, in GenEval's layout (DIR/raw_1800/00000/...), "
+                        "for scripts/shape_given_colour.py")
     p.add_argument("--q-cache", type=Path, default=None,
                    help="save/load the cached Q here (.safetensors, bf16; recomputed when the run's queries or backbone differ)")
     args = p.parse_args()
@@ -141,7 +144,8 @@ def validation_directions(pipe, run: Path) -> dict:
 
 def cached_pairs(pipe, run: Path, q_cache: Path | None):
     """Q (P, Nq, K) bf16 of every (caption paraphrase, image) pair, the CLIP features (N, 64, F)
-    standardised as the generator trains on them, and each pair's image row (P,)."""
+    standardised as the generator trains on them, and each pair's image row (P,). The cache
+    holds Q as the backbone returns it; `cond_norm` is applied after, so one cache serves all."""
     import datasets
 
     from safetensors import safe_open
@@ -160,9 +164,10 @@ def cached_pairs(pipe, run: Path, q_cache: Path | None):
         q = load_tensors(q_cache)["q"]
     else:  # no cache, or one made with other queries or another backbone
         with torch.no_grad():  # bf16 halves the memory of ~40k conditions
-            q = gen.condition(backbone, texts, chunk_size=500).bfloat16()
+            q = gen.raw_condition(backbone, texts, chunk_size=500).bfloat16()
         if q_cache:
             save_tensors(q_cache, {"q": q}, metadata={"key": key})
+    q = torch.cat([gen.normalize_condition(c.float()).bfloat16() for c in q.split(4096)])  # (P, Nq, K)
     x = gen.normalize(load_split_features(run / "clip", "train"))  # (N, 64, F)
     print(f"Q of {len(texts)} captions {'read from the cache' if cached else 'computed'} in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
@@ -170,13 +175,10 @@ def cached_pairs(pipe, run: Path, q_cache: Path | None):
 
 
 def condition_key(gen, backbone) -> str:
-    """What Q depends on: the backbone's weights, the queries and `cond_norm`'s statistics (the
-    `--q-cache` file's key)."""
+    """What Q depends on: the backbone's weights and the queries (the `--q-cache` file's key)."""
     from blip3o_mini.generation_stage import weights_hash
 
-    stats = [getattr(gen, k) for k in ("cond_mean", "cond_transform") if hasattr(gen, k)]
-    return (f"{weights_hash(backbone)}-{weights_hash(torch.nn.ParameterList([gen.queries]))}"
-            + (f"-{weights_hash(torch.nn.ParameterList(stats))}" if stats else ""))
+    return f"{weights_hash(backbone)}-{weights_hash(torch.nn.ParameterList([gen.queries]))}"
 
 
 def train_and_score(pipe, q, x, rows, args, cfg, directions: dict) -> dict:
@@ -224,13 +226,15 @@ def train_and_score(pipe, q, x, rows, args, cfg, directions: dict) -> dict:
             print(f"step {step + 1}  loss {loss.item():.4f}  {time.perf_counter() - start:.0f} s", flush=True)
         if step + 1 in args.score_at or step + 1 == args.steps:
             for name, weights in [("raw", dit)] + [(f"ema {d}", e) for d, e in emas.items()]:
-                results[f"{name} @ {step + 1}"] = score(pipe, weights, f"{name} @ {step + 1}", cfg, directions)
+                keep = args.images / f"{name}_{step + 1}".replace(" ", "") if args.images else None
+                results[f"{name} @ {step + 1}"] = score(pipe, weights, f"{name} @ {step + 1}", cfg, directions, keep)
     return results
 
 
-def score(pipe, dit, name: str, cfg: dict, directions: dict) -> dict:
+def score(pipe, dit, name: str, cfg: dict, directions: dict, keep: Path | None = None) -> dict:
     """GenEval-mini of the pipeline with `dit`'s weights (the evaluation stage's prompts and
-    seeds), and how well those weights predict each principal direction (direction_fvu)."""
+    seeds), and how well those weights predict each principal direction (direction_fvu).
+    `keep`: write the images there instead of a temporary folder."""
     from blip3o_mini.config import build
     from blip3o_mini.evaluation import score_folder
     from blip3o_mini.evaluation.directions import direction_fvu
@@ -238,7 +242,7 @@ def score(pipe, dit, name: str, cfg: dict, directions: dict) -> dict:
 
     pipe.generator.dit.load_state_dict(dit.state_dict())
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_evaluation_images(pipe, build(EvaluationConfig, cfg.get("evaluation", {})), Path(tmp))
+        folder = write_evaluation_images(pipe, build(EvaluationConfig, cfg.get("evaluation", {})), keep or Path(tmp))
         s = score_folder(folder, write=False).summary()
     print(f"{name:>16}: GenEval-mini overall {s['overall']:.3f}  "
           + "  ".join(f"{k} {v:.2f}" for k, v in s.items() if k != "overall" and v is not None), flush=True)

@@ -134,7 +134,7 @@ def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, 
     cache, saved = tmp_path / "q.safetensors", tmp_path / "dit.safetensors"
     # second pass: Q read back, another feature scale (8 whitened coordinates), depth, time shift and optimizer
     for extra in ([], ["--feature-norm", "whiten", "--whiten-dims", "8", "--whiten-power", "0.25", "--time-shift", "2",
-                       "--dit-depth", "2", "--optimizer", "muon", "--save", str(saved)]):
+                       "--dit-depth", "2", "--optimizer", "muon", "--save", str(saved), "--images", str(tmp_path / "kept")]):
         monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--steps", "2", "--score-at", "1",
                                           "--decays", "0.9", "--batch-size", "4", "--cross-gate-init", "0.5",
                                           "--q-cache", str(cache)] + extra)
@@ -145,12 +145,13 @@ def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, 
         assert sorted(scores) == ["ema 0.9 @ 1", "ema 0.9 @ 2", "raw @ 1", "raw @ 2"]
         assert all(0.0 <= v <= 1.0 for v in scores.values())
         assert sum("FVU by direction at t 0.5" in line for line in printed) == 4  # one per scored weights
+    assert (tmp_path / "kept" / "raw_2" / "00000" / "metadata.jsonl").exists()  # --images keeps GenEval's layout
     save_tensors(cache, load_tensors(cache), metadata={"key": "other queries"})  # a stale cache
     runpy.run_path(str(script), run_name="__main__")  # the second pass's arguments again
     assert "computed" in capsys.readouterr().out
     monkeypatch.setattr(sys, "argv", sys.argv + ["--cond-norm", "standardize"])  # Q scaled another way
     runpy.run_path(str(script), run_name="__main__")
-    assert "computed" in capsys.readouterr().out  # the cache holds the run's whitened Q, not this
+    assert "read from the cache" in capsys.readouterr().out  # it holds Q before cond_norm, so serves any
     weights = load_tensors(saved)
     assert weights["x_embed.weight"].shape[1] == 8 and "blocks.1.qkv.weight" in weights  # 8 coordinates, 2 blocks
 

@@ -15,6 +15,10 @@ an image *is* lives in low-variance directions: the toy CLIP tokens put 96% of t
 16 of 128 directions, while the decoder needs the next 8 to paint a square's corners
 (docs/status.md); an unweighted MSE on standardised features spends almost nothing there.
 
+The condition Q reaches the DiT raw, as in BLIP3-o, unless `cond_norm` centres it and scales it
+per dimension (`standardize`) or whitens it (`whiten`), with statistics of training prompts
+measured once before stage 2 trains (`fit_condition_norm`) and saved with the weights.
+
 Shape glossary: B batch, Nq query tokens, K backbone hidden size, N = 64 CLIP tokens,
 F CLIP feature width.
 """

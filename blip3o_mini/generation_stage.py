@@ -159,8 +159,12 @@ def condition_prompts(dataset, num: int, seed: int = 0) -> list[str]:
 
 def fit_condition_norm(generator: Blip3oGenerator, backbone, prompts: list[str]) -> None:
     """`generator.fit_condition_norm` on the accelerator when there is one (the full run's
-    backbone is too large to read thousands of prompts on the CPU), the modules back on the CPU after."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backbone is too large to read thousands of prompts on the CPU), the modules back on the CPU after.
+    Every rank of a multi-GPU run fits the same statistics on its own device (LOCAL_RANK; the
+    trainer has not placed the process yet)."""
+    import os
+
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     generator.to(device), backbone.to(device)
     generator.fit_condition_norm(backbone, prompts)
     generator.cpu(), backbone.cpu()

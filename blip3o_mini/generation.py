@@ -164,9 +164,13 @@ class Blip3oGenerator(nn.Module):
         current queries: the mean Q of each query position, and a per-dimension scale
         (`standardize`) or the inverse square root of the covariance (`whiten`, ZCA: it keeps
         the K axes, so the caption projection's width is unchanged)."""
-        if self.cfg.cond_norm == "none":
-            return
-        q = self.raw_condition(backbone, prompts, chunk_size).float()  # (P, Nq, K)
+        if self.cfg.cond_norm != "none":
+            self.fit_condition_norm_on(self.raw_condition(backbone, prompts, chunk_size))
+
+    @torch.no_grad()
+    def fit_condition_norm_on(self, q: Tensor) -> None:
+        """`fit_condition_norm` from raw Q (P, Nq, K) already computed (`raw_condition`)."""
+        q = q.float()
         mean = q.mean(dim=0)  # (Nq, K): each query position has its own typical state
         z = (q - mean).flatten(0, 1)  # (P * Nq, K)
         var, basis = condition_variances(z, self.cfg.cond_norm)

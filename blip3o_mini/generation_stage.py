@@ -157,6 +157,17 @@ def condition_prompts(dataset, num: int, seed: int = 0) -> list[str]:
     return [pairs[i][0] if pairs is not None else dataset[i][0] for i in order]
 
 
+def run_condition_prompts(run_dir: Path, seed: int) -> list[str]:
+    """`condition_prompts` of a ShapesWorld run's training captions, as its generation stage
+    draws them (for scripts that fit `cond_norm` on a finished run)."""
+    import datasets
+
+    from .training.generation import CaptionFeatureDataset
+
+    captions = datasets.load_from_disk(str(Path(run_dir) / "data" / "shapesworld"))["train"]["captions"]
+    return condition_prompts(CaptionFeatureDataset(captions, torch.zeros(len(captions))), COND_NORM_PROMPTS, seed)
+
+
 def fit_condition_norm(generator: Blip3oGenerator, backbone, prompts: list[str]) -> None:
     """`generator.fit_condition_norm` on the accelerator when there is one (the full run's
     backbone is too large to read thousands of prompts on the CPU), the modules back on the CPU after.

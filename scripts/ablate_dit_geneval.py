@@ -116,16 +116,11 @@ def with_overrides(gen, args, whitening: tuple):
 def fit_condition_norm(pipe, run: Path, cfg: dict) -> None:
     """Fit `--cond-norm`'s statistics on the run's training captions, with its queries, as the
     generation stage does (`generation_stage.condition_prompts`)."""
-    import datasets
-
     from blip3o_mini.describe import generation_configs
-    from blip3o_mini.generation_stage import COND_NORM_PROMPTS, condition_prompts
-    from blip3o_mini.training.generation import CaptionFeatureDataset
+    from blip3o_mini.generation_stage import run_condition_prompts
 
-    captions = datasets.load_from_disk(str(run / "data" / "shapesworld"))["train"]["captions"]
-    dataset = CaptionFeatureDataset(captions, torch.zeros(len(captions)))  # the prompts only
     seed = generation_configs(cfg)[1].seed
-    pipe.generator.fit_condition_norm(pipe.backbone, condition_prompts(dataset, COND_NORM_PROMPTS, seed))
+    pipe.generator.fit_condition_norm(pipe.backbone, run_condition_prompts(run, seed))
 
 
 def validation_directions(pipe, run: Path) -> dict:

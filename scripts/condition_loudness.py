@@ -49,12 +49,9 @@ def main() -> None:
     from blip3o_mini.describe import generation_configs
     from blip3o_mini.evaluation.prompts import compositions
     from blip3o_mini.generation import Blip3oGenerator
-    from blip3o_mini.generation_stage import COND_NORM_PROMPTS, condition_prompts, load_generator
+    from blip3o_mini.generation_stage import load_generator, run_condition_prompts
     from blip3o_mini.run import run_config, stage_attention_kernel
-    from blip3o_mini.training.generation import CaptionFeatureDataset
     from blip3o_mini.understanding_stage import load_stage_backbone
-
-    import datasets
 
     run = args.run_dir.expanduser()
     cfg = run_config(run)
@@ -68,21 +65,23 @@ def main() -> None:
         torch.manual_seed(train_cfg.seed)  # as generation_stage draws them
         queries = Blip3oGenerator(gen_cfg, 1, backbone.hidden_size).queries
         source = "the generation stage's initial queries"
-    captions = datasets.load_from_disk(str(run / "data" / "shapesworld"))["train"]["captions"]
-    train_prompts = condition_prompts(CaptionFeatureDataset(captions, torch.zeros(len(captions))),
-                                      COND_NORM_PROMPTS, train_cfg.seed)
+    train_prompts = run_condition_prompts(run, train_cfg.seed)
     base, flipped, recoloured = edits(compositions("position"))
     print(f"{len(base)} position prompts; Q from {source}; statistics from {len(train_prompts)} training captions")
     rows = {}
     with stage_attention_kernel(cfg), torch.no_grad():
+        # the backbone reads each prompt once; each norm is fitted and applied on the raw Q
+        plain = Blip3oGenerator(gen_cfg, 1, backbone.hidden_size)
+        plain.queries.data.copy_(queries)
+        raw = {name: plain.raw_condition(backbone, texts, chunk_size=256)  # (P, Nq, K)
+               for name, texts in (("base", base), ("flipped", flipped), ("recoloured", recoloured),
+                                   ("train", train_prompts))}
         for norm in ("none", "standardize", "whiten"):
             gen = Blip3oGenerator(dataclasses.replace(gen_cfg, cond_norm=norm), 1, backbone.hidden_size)
-            gen.queries.data.copy_(queries)
-            gen.fit_condition_norm(backbone, train_prompts)
-            q = {name: gen.condition(backbone, texts, chunk_size=256).flatten(1)  # (P, Nq*K)
-                 for name, texts in (("base", base), ("flipped", flipped), ("recoloured", recoloured))}
-            ref = gen.condition(backbone, train_prompts[:512], chunk_size=256).flatten(1)  # (512, Nq*K)
-            typical = torch.cdist(ref[:256], ref[256:]).mean()  # two random captions' distance
+            if norm != "none":
+                gen.fit_condition_norm_on(raw["train"])
+            q = {name: gen.normalize_condition(r).flatten(1) for name, r in raw.items()}  # (P, Nq*K)
+            typical = torch.cdist(q["train"][:256], q["train"][256:512]).mean()  # two random captions' distance
             move = {k: float((q[k] - q["base"]).norm(dim=1).mean() / typical) for k in ("flipped", "recoloured")}
             rows[norm] = {"relation": round(move["flipped"], 3), "colour": round(move["recoloured"], 3),
                           "relation / colour": round(move["flipped"] / move["recoloured"], 3)}

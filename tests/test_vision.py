@@ -206,6 +206,28 @@ def test_training_in_bf16_with_the_fused_adamw(tmp_path):
     assert result.steps == 2 and all(math.isfinite(loss) for _, loss in result.loss_history)
 
 
+def test_recipe_without_a_trainer_section_trains_fp32_on_a_cpu_without_bf16(tmp_path, monkeypatch):
+    """A notebook's short demo calls the recipe with no `trainer:` section: its bf16 must fall back
+    to fp32 there as the stages' does (emulated bf16 made 30 demo steps take 217 s, not 6)."""
+    from blip3o_mini.data import make_sample
+    from blip3o_mini.data.tensors import images_uint8
+    from blip3o_mini.training import distributed
+    from blip3o_mini.training.clip import ClipTrainConfig, train_clip
+
+    import datasets
+
+    monkeypatch.setattr(distributed, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    rows = [make_sample(0, "train", i) for i in range(8)]
+    split = datasets.Dataset.from_dict({"image": [r["image"] for r in rows]},
+                                       features=datasets.Features({"image": datasets.Image()}))
+    cfg = ClipTrainConfig(batch_size=8, max_steps=1, warmup_steps=1, log_every=1, precision="bf16-mixed")
+    result = train_clip(ClipEncoder(), images_uint8(split), [r["captions"][:1] for r in rows], cfg, tmp_path)
+    assert result.trainer.precision == "32-true" and result.steps == 1
+    monkeypatch.setattr(distributed, "cpu_has_bf16", lambda: True)
+    assert distributed.recipe_trainer("bf16-mixed").precision == "bf16-mixed"
+
+
 def test_muon_takes_both_towers_block_matrices():
     """`optimizer: muon`: the Linear weights of the image and text towers' blocks step with Muon;
     the fused qkv projections, embeddings, norms and the temperature keep the fused AdamW."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from blip3o_mini import cli
-from blip3o_mini.config import load_config
+from blip3o_mini.config import available_configs, load_config
 from blip3o_mini.data.sharding import ShardedSampler
 from blip3o_mini.training.distributed import (add_trainer_arguments, apply_trainer_arguments,
                                               check_global_batch, trainer_config)
@@ -123,6 +123,24 @@ def test_full_configs_follow_blip3o_recipe():
         assert all("BLIP3o-Pretrain" in s for s in cfg["data"]["shards"])
         assert cfg["understanding"]["pretrained"].endswith(f"{'7B' if hidden == 3584 else '3B'}-Instruct")
     assert trainer_config(load_config("small")).devices == 1
+
+
+def test_sharded_configs_train_only_with_adamw():
+    """Muon orthogonalises whole matrices, so a config whose strategy shards them (DeepSpeed ZeRO,
+    FSDP) must not inherit the toy's `optimizer: muon` in any stage it trains (training/muon.py
+    would raise at the first step, after the cluster job has loaded everything)."""
+    sharded = []
+    for name in available_configs():
+        cfg = load_config(name)
+        if not any(s in str(trainer_config(cfg).strategy) for s in ("deepspeed", "fsdp")):
+            continue
+        gen = cfg["generation"]["train"]
+        trained = {"generation": gen, "instruct": {**gen, **cfg.get("instruct", {}).get("train", {})},
+                   "clip": cfg["clip"]["train"] if cfg["clip"]["train"].get("max_steps") else {},
+                   "understanding": {} if cfg["understanding"].get("pretrained") else cfg["understanding"].get("train", {})}
+        assert {k: t.get("optimizer", "adamw") for k, t in trained.items()} == dict.fromkeys(trained, "adamw"), name
+        sharded.append(name)
+    assert sharded == ["full-4b", "full-8b"]
 
 
 def leaves(cfg: dict, prefix: str = "") -> dict:

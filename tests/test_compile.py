@@ -116,10 +116,15 @@ def test_understanding_compile_setting_is_checked_and_left_out_of_the_fingerprin
 def test_compile_settings_keep_the_toy_runs_stage_fingerprints():
     """toy.yaml's `compile: auto` lines must not retrain the stages of a toy run made before them."""
     toy = load_config("toy")
-    before = {"understanding": {}, "generation": {k: v for k, v in toy["generation"].items() if k != "train"}
-              | {"train": {k: v for k, v in toy["generation"]["train"].items() if k != "compile"}}}
+
+    def without_compile(section: dict) -> dict:
+        return {k: v for k, v in section.items() if k != "train"} | {"train": {k: v for k, v in section["train"].items() if k != "compile"}}
+
+    before = {"understanding": without_compile(toy["understanding"]), "generation": without_compile(toy["generation"])}
+    assert "compile" in toy["understanding"]["train"] and "compile" in toy["generation"]["train"]
     assert without_speed_keys(toy.get("understanding", {})) == before["understanding"]
     assert training_section(toy["generation"]) == training_section(before["generation"])
+    assert without_speed_keys({"train": {"compile": "auto"}}) == without_speed_keys({}) == {}  # a section of speed keys only
 
 
 @pytest.mark.skipif(not compiler_found(cuda=False), reason="torch.compile on CPU needs a C++ compiler (g++)")

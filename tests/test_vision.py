@@ -208,7 +208,7 @@ def test_training_in_bf16_with_the_fused_adamw(tmp_path):
 
 def test_recipe_without_a_trainer_section_trains_fp32_on_a_cpu_without_bf16(tmp_path, monkeypatch):
     """A notebook's short demo calls the recipe with no `trainer:` section: its bf16 must fall back
-    to fp32 there as the stages' does (emulated bf16 made 30 demo steps take 217 s, not 6)."""
+    to fp32 there as the stages' does (emulated bf16 made 30 demo steps take 217 s, not 16)."""
     from blip3o_mini.data import make_sample
     from blip3o_mini.data.tensors import images_uint8
     from blip3o_mini.training import distributed

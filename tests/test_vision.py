@@ -225,7 +225,7 @@ def test_recipe_without_a_trainer_section_trains_fp32_on_a_cpu_without_bf16(tmp_
     result = train_clip(ClipEncoder(), images_uint8(split), [r["captions"][:1] for r in rows], cfg, tmp_path)
     assert result.trainer.precision == "32-true" and result.steps == 1
     monkeypatch.setattr(distributed, "cpu_has_bf16", lambda: True)
-    assert distributed.recipe_trainer("bf16-mixed").precision == "bf16-mixed"
+    assert distributed.stage_trainer_config({}, "bf16-mixed").precision == "bf16-mixed"
 
 
 def test_muon_takes_both_towers_block_matrices():

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.world import COLORS, HELD_OUT, SHAPES
 from ..vision import ClipEncoder
-from .distributed import TrainerConfig, make_trainer, recipe_trainer
+from .distributed import TrainerConfig, make_trainer, stage_trainer_config
 from .muon import check_optimizer, hidden_matrices, make_optimizer
 from .schedule import warmup_cosine
 
@@ -189,7 +189,7 @@ def train_clip(encoder: ClipEncoder, images: torch.Tensor, captions: list[list[s
     if last.exists():  # our own Lightning checkpoint, written by this function
         resumed = int(torch.load(last, map_location="cpu", weights_only=True).get("global_step", 0))
     fit = make_trainer(
-        trainer or recipe_trainer(cfg.precision), max_steps=cfg.max_steps, logger=False,
+        trainer or stage_trainer_config({}, cfg.precision), max_steps=cfg.max_steps, logger=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=True,
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                    every_n_train_steps=cfg.checkpoint_every), *(callbacks or [])],

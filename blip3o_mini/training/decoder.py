@@ -27,7 +27,7 @@ from torch import Tensor
 from ..decoder import DecoderConfig, PixelDecoder, images_to_model
 from .attention_kernel import runs_on_cpu
 from .compile import check_compile, use_compile
-from .distributed import TrainerConfig, check_global_batch, make_trainer, recipe_trainer
+from .distributed import TrainerConfig, check_global_batch, make_trainer, stage_trainer_config
 from .ema import update_ema
 from .schedule import warmup_cosine
 
@@ -219,7 +219,7 @@ def train_decoder(model_cfg: DecoderConfig, train_cfg: DecoderTrainConfig, image
         mean, std = stats if stats is not None else feature_stats(features)
         for m in filter(None, (module.decoder, module.ema)):
             m.cond_embed.set_feature_stats(mean, std)
-    tc = trainer or recipe_trainer(train_cfg.precision)
+    tc = trainer or stage_trainer_config({}, train_cfg.precision)
     check_global_batch(tc, train_cfg.batch_size)
     module.compiled = use_compile(train_cfg.compile, cuda=not runs_on_cpu(tc.accelerator))  # the trainer's device
     data = ShardedDataModule(TensorDataset(images, features.float()), train_cfg.batch_size,

@@ -90,13 +90,6 @@ def recipe_precision_here(precision: str, accelerator: str) -> str:
     return precision
 
 
-def recipe_trainer(precision: str) -> TrainerConfig:
-    """The trainer of a recipe called without a config's `trainer:` section (a notebook's short
-    demo run, a test): one local device, the recipe's precision as `recipe_precision_here` gives
-    it, so a bf16 recipe does not run emulated bf16 on a CPU without bf16 instructions."""
-    return TrainerConfig(precision=recipe_precision_here(precision, TrainerConfig.accelerator))
-
-
 def check_global_batch(tc: TrainerConfig, batch_size: int) -> int:
     """The global batch of a run with `batch_size` samples per device and step; a ValueError
     when it differs from `tc.global_batch_size`."""

@@ -34,7 +34,7 @@ from ..tokenizer import CAPTION_PROMPT
 from .attention_kernel import runs_on_cpu
 from .clip import TrainResult  # the same result record as the CLIP and generation recipes
 from .compile import check_compile, use_compile
-from .distributed import TrainerConfig, make_trainer, recipe_trainer
+from .distributed import TrainerConfig, make_trainer, stage_trainer_config
 from .muon import check_optimizer, hidden_matrices, make_optimizer
 from .packing import IGNORE, Packer, PackedRow, collate_rows, packed_attention_mask
 from .schedule import warmup_cosine
@@ -256,7 +256,7 @@ def train_understanding(backbone: ToyBackbone, features: torch.Tensor, rows: lis
                         collate_fn=lambda b: collate(b, pad_id))
     watch = type_batches(*held_out, packer) if held_out is not None and cfg.type_loss_every else None
     module = UnderstandingModule(backbone, cfg, watch)
-    trainer = trainer or recipe_trainer(cfg.precision)
+    trainer = trainer or stage_trainer_config({}, cfg.precision)
     module.compiled = use_compile(cfg.compile, cuda=not runs_on_cpu(trainer.accelerator))  # the trainer's device
     last = Path(ckpt_dir) / "last.ckpt"
     resumed = None

@@ -10,6 +10,8 @@ What is mirrored, block by block:
   one: a 4x4 grid of 16 tokens, a quarter of the work per image); 2D RoPE (half of each head's
   channels rotate with the row, half with the column, theta 10000), applied to queries and keys
   of self-attention and to the *queries only* of cross-attention (the condition has no positions);
+  no absolute positions (`pos_embed: sincos` adds the original DiT's 2D sin-cos table to the
+  tokens: on the toy, most images then came out blank; docs/status.md);
 - qk-norm: LayerNorm across all heads on q and k before the head split (diffusers'
   `layer_norm_across_heads`);
 - the condition `Q` (B, Nq, cond_dim) goes through a caption projection (Linear, tanh-GELU,
@@ -54,6 +56,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .backbone import sincos_grid
+
 # BLIP3-o 8B: EVA-CLIP 1792-d tokens, Qwen2.5-VL-7B hidden size 3584 (use as YAML overrides).
 FULL_DIT = dict(in_dim=1792, cond_dim=3584, dim=1792, depth=24, num_heads=28)
 
@@ -71,6 +75,10 @@ class DiTConfig:
     multiple_of: int = 256
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # none: 2D RoPE only, as Lumina-Next and BLIP3-o; sincos: also add DiT's (Peebles & Xie) fixed
+    # 2D sin-cos positions to the embedded tokens (GenEval-mini 0.225 against 0.309: each token
+    # learns its place's likeliest content, background; docs/status.md)
+    pos_embed: str = "none"
     time_scale: float = 1000.0
     gradient_checkpointing: bool = False
 
@@ -81,6 +89,8 @@ class DiTConfig:
         if self.patch_size < 1 or self.grid % self.patch_size:
             raise ValueError(f"patch_size {self.patch_size} must divide the grid {self.grid} "
                              "(set generation.dit.patch_size to 1, or to a divisor of the grid)")
+        if self.pos_embed not in ("none", "sincos"):
+            raise ValueError(f"generation.dit.pos_embed must be 'none' or 'sincos', got {self.pos_embed!r}")
 
     @property
     def token_grid(self) -> int:  # the DiT's own grid: grid / P tokens a side
@@ -256,6 +266,7 @@ class NextDiT(nn.Module):
         self.blocks = nn.ModuleList(NextDiTBlock(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg)
         self.register_buffer("positions", grid_positions(cfg.token_grid), persistent=False)  # (N/P^2, 2)
+        self.register_buffer("pos_table", self.absolute_positions(cfg), persistent=False)  # (N/P^2, D) or (0,)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -271,6 +282,15 @@ class NextDiT(nn.Module):
         for lin in (self.final.scale[-1], self.final.linear):  # a fresh model predicts v = 0
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
+
+    @staticmethod
+    def absolute_positions(cfg: DiTConfig) -> Tensor:
+        """`pos_embed: sincos`: MAE's 2D sin-cos table, row in the first half of the width and
+        column in the second, one row per token in raster order (N/P^2, D); else empty."""
+        if cfg.pos_embed == "none":
+            return torch.zeros(0)
+        row, col = sincos_grid(cfg.token_grid, cfg.dim)  # (G, D) each
+        return (row[:, None] + col[None, :]).flatten(0, 1)  # (G*G, D)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -297,6 +317,8 @@ class NextDiT(nn.Module):
         cond = self.cond_proj(cond)  # (B, Nq, D)
         c = self.time_cond(t, cond, cond_mask)  # (B, C)
         x = self.x_embed(self.patchify(x_t))  # (B, N/P^2, D)
+        if cfg.pos_embed == "sincos":
+            x = x + self.pos_table.to(x.dtype)  # (B, N/P^2, D): absolute positions in the values too
         angles = rope_angles(self.positions, cfg.head_dim, cfg.rope_theta)  # (N/P^2, Dh/2)
         for block in self.blocks:
             if cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():

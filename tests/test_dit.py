@@ -217,3 +217,22 @@ def test_patch_size_must_divide_the_grid():
         DiTConfig(grid=8, patch_size=3)
     with pytest.raises(ValueError, match="patch_size 0"):
         DiTConfig(grid=8, patch_size=0)
+
+
+def test_sincos_pos_embed_adds_the_row_and_column_tables_to_each_token():
+    from blip3o_mini.backbone import sincos_grid
+
+    cfg = DiTConfig(in_dim=8, cond_dim=12, dim=32, depth=2, num_heads=2, grid=8, multiple_of=16, pos_embed="sincos")
+    model = perturbed(cfg)
+    row, col = sincos_grid(8, 32)  # (8, 32) each: rows fill the first half of the width, columns the second
+    assert model.pos_table.shape == (64, 32)
+    assert torch.equal(model.pos_table[8 * 2 + 5], row[2] + col[5])  # token (2, 5) in raster order
+    assert NextDiT(TINY).pos_table.numel() == 0  # the default, Lumina-Next's: 2D RoPE only
+    # the same weights with and without the table: a state dict serves both, the outputs differ
+    plain = NextDiT(TINY)
+    plain.load_state_dict(model.state_dict())
+    x_t, t, cond = inputs(cfg)
+    assert not torch.allclose(model(x_t, t, cond), plain(x_t, t, cond))
+    assert torch.equal(NextDiT(cfg)(x_t, t, cond), torch.zeros_like(x_t))  # fresh: still v = 0
+    with pytest.raises(ValueError, match="pos_embed must be 'none' or 'sincos', got 'learned'"):
+        DiTConfig(pos_embed="learned")

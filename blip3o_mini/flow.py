@@ -17,7 +17,8 @@ between the two and `tests/test_flow.py` pins the mapping against diffusers'
 
 Classifier-free guidance (as in BLIP3-o): during training 10% of samples get the *null
 condition*, a tensor of zeros shaped like `cond`; at sampling the guided velocity is
-`v_uncond + scale * (v_cond - v_uncond)` (scale 3.0, 30 Euler steps in the paper).
+`v_uncond + scale * (v_cond - v_uncond)` (scale 3.0, 30 Euler steps in the paper), at every
+step; `guidance_interval` can limit it to part of the path.
 
 Shape glossary: B batch, N tokens per sample (64 CLIP tokens), D feature width,
 Nq condition tokens, C condition width. Everything here works for any `x` shaped (B, ...).
@@ -120,13 +121,19 @@ def cfg_combine(v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:
     return v_uncond + scale * (v_cond - v_uncond)
 
 
-def guided_velocity(model: VelocityModel, scale: float) -> VelocityModel:
+def guided_velocity(model: VelocityModel, scale: float,
+                    interval: tuple[float, float] = (0.0, 1.0)) -> VelocityModel:
     """Wrap `model` so one call runs the conditional and the null (zeros) condition as one
-    batch of 2B and returns the guided velocity; scale 1 skips the null pass."""
+    batch of 2B and returns the guided velocity; scale 1 skips the null pass. Outside the
+    times `interval` = (lo, hi) the conditional velocity alone (Kynkaanniemi et al. 2024,
+    "Applying Guidance in a Limited Interval"); the sampler gives every row the same t."""
     if scale == 1.0:
         return model
+    lo, hi = interval
 
     def v(x_t: Tensor, t: Tensor, cond: Tensor, cond_mask: Tensor | None) -> Tensor:
+        if not lo - 1e-6 <= float(t[0]) <= hi + 1e-6:  # inclusive despite float32 times (0.8 -> 0.80000001)
+            return model(x_t, t, cond, cond_mask)  # (B, N, D)
         both = torch.cat([cond, torch.zeros_like(cond)])  # (2B, Nq, C)
         mask = None if cond_mask is None else torch.cat([cond_mask, cond_mask])  # (2B, Nq)
         v_cond, v_uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), both, mask).chunk(2)
@@ -186,6 +193,14 @@ def euler_sample(velocity: Callable[[Tensor, Tensor], Tensor], x_0: Tensor, num_
 
 
 # ---------------------------------------------------------------------------- the method
+def check_interval(interval) -> tuple[float, float]:
+    """A guidance interval [lo, hi] (a YAML list or a tuple) as a tuple, or a one-line error."""
+    if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+        raise ValueError(f"guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1 (times, 0 = noise), "
+                         f"got {list(interval)}")
+    return float(interval[0]), float(interval[1])
+
+
 @dataclass
 class FlowLoss:
     loss: Tensor  # () mean squared error over everything
@@ -209,6 +224,9 @@ class FlowMatching:
     time_shift: float = 1.0
     num_steps: int = 30
     guidance_scale: float = 3.0
+    # Times t (0 = noise) at which CFG applies; the conditional velocity alone elsewhere
+    # (`guided_velocity`). BLIP3-o: [0, 1], every step.
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
     # Noise injected along the sampling path (`euler_sample`'s eta). BLIP3-o: 0, the ODE.
     sde_noise: float = 0.0
     # (x_0, t) draws per (x_1, cond) row. The condition costs a pass through the frozen LLM
@@ -228,6 +246,7 @@ class FlowMatching:
             raise ValueError(f"time_shift must be > 0, got {self.time_shift}")
         if self.sde_noise < 0:
             raise ValueError(f"sde_noise must be >= 0 (0: the ODE sampler), got {self.sde_noise}")
+        self.guidance_interval = check_interval(self.guidance_interval)
 
     def loss(self, model: VelocityModel, x_1: Tensor, cond: Tensor, cond_mask: Tensor | None = None,
              *, x_0: Tensor | None = None, t: Tensor | None = None,
@@ -256,7 +275,8 @@ class FlowMatching:
                cond_mask: Tensor | None = None, *, x_0: Tensor | None = None,
                num_steps: int | None = None, guidance_scale: float | None = None,
                generator: torch.Generator | None = None, return_trajectory: bool = False,
-               start: float = 0.0, sde_noise: float | None = None) -> SampleResult:
+               start: float = 0.0, sde_noise: float | None = None,
+               guidance_interval: tuple[float, float] | None = None) -> SampleResult:
         """Generate data of per-sample `shape` (e.g. (64, D)) for each condition row (B, Nq, C);
         with `start` > 0, finish `x_0` given as the state at that time (`euler_sample`), by
         default in the steps the full path would spend on what is left of it. `generator`
@@ -265,7 +285,7 @@ class FlowMatching:
         if x_0 is None:
             x_0 = torch.randn((B, *shape), generator=generator, device=cond.device, dtype=cond.dtype)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        v = guided_velocity(model, scale)
+        v = guided_velocity(model, scale, check_interval(guidance_interval or self.guidance_interval))
         if num_steps is None:  # the sampler's step size: 30 steps from 0 are 15 from 0.5
             num_steps = max(1, round(self.num_steps * (1 - start)))
         return euler_sample(lambda x, t: v(x, t, cond, cond_mask), x_0, num_steps, return_trajectory,

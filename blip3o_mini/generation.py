@@ -194,9 +194,10 @@ class Blip3oGenerator(nn.Module):
     def generate_features(self, backbone: QueryBackbone, prompts: list[str],
                           num_inference_steps: int | None = None, guidance_scale: float | None = None,
                           generator: torch.Generator | None = None,
-                          return_trajectory: bool = False, sde_noise: float | None = None):
+                          return_trajectory: bool = False, sde_noise: float | None = None,
+                          guidance_interval: tuple[float, float] | None = None):
         """Sample CLIP features (B, N, F) for `prompts` with Euler steps and CFG (`sde_noise`:
-        `euler_sample`'s; None: the flow config's)."""
+        `euler_sample`'s; `guidance_interval`: `guided_velocity`'s; None: the flow config's)."""
         cond = self.condition(backbone, prompts)  # (B, Nq, K)
         # Noise is drawn on the generator's device (CPU by default), then moved: a seeded CPU
         # generator gives the same images on any device.
@@ -206,7 +207,7 @@ class Blip3oGenerator(nn.Module):
         result = self.flow.sample(self.dit, cond, x_0.shape[1:], x_0=x_0,
                                   num_steps=num_inference_steps, guidance_scale=guidance_scale,
                                   generator=generator, return_trajectory=return_trajectory,
-                                  sde_noise=sde_noise)
+                                  sde_noise=sde_noise, guidance_interval=guidance_interval)
         features = self.denormalize(result.x_1)  # (B, N, F)
         return (features, result) if return_trajectory else features
 

@@ -74,7 +74,7 @@ def weights_hash(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-SAMPLING_KEYS = ("num_steps", "guidance_scale", "sde_noise")  # generation.flow keys read only when sampling
+SAMPLING_KEYS = ("num_steps", "guidance_scale", "guidance_interval", "sde_noise")  # generation.flow keys read only when sampling
 
 
 def training_section(section: dict) -> dict:

@@ -38,11 +38,17 @@ class SamplingConfig:
     decoder_guidance_scale: float = 1.5
     batch_size: int = 64
     sde_noise: float = 0.0  # noise along the DiT's sampling path (`flow.euler_sample`); 0: the ODE
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # times t (0 = noise) the DiT's CFG applies at
+
+    def __post_init__(self):
+        from .flow import check_interval
+
+        self.guidance_interval = check_interval(self.guidance_interval)  # pipeline.json holds a list
 
     @classmethod
     def from_config(cls, cfg: dict) -> "SamplingConfig":
         """The numbers a run config samples with: the DiT's `generation.flow` (num_steps,
-        guidance_scale, sde_noise) and the decoder's `decoder.eval` (num_inference_steps, guidance_scale);
+        guidance_scale, guidance_interval, sde_noise) and the decoder's `decoder.eval` (num_inference_steps, guidance_scale);
         keys the config leaves out keep `FlowMatching`'s and `DecoderEvalConfig`'s defaults."""
         from .config import build
         from .decoder_stage import decoder_configs
@@ -51,7 +57,8 @@ class SamplingConfig:
         flow = build(FlowMatching, (cfg.get("generation") or {}).get("flow"))
         decoder_eval = decoder_configs(cfg.get("decoder"))[2]
         return cls(flow.num_steps, flow.guidance_scale, decoder_eval.num_inference_steps,
-                   decoder_eval.guidance_scale, sde_noise=flow.sde_noise)
+                   decoder_eval.guidance_scale, sde_noise=flow.sde_noise,
+                   guidance_interval=flow.guidance_interval)
 
 
 class Blip3oMiniPipeline:
@@ -158,7 +165,8 @@ class Blip3oMiniPipeline:
             f = self.generator.generate_features(
                 self.backbone, chunk, num_inference_steps or s.num_inference_steps,
                 s.guidance_scale if guidance_scale is None else guidance_scale, generator,
-                sde_noise=s.sde_noise if sde_noise is None else sde_noise)  # (b, 64, F)
+                sde_noise=s.sde_noise if sde_noise is None else sde_noise,
+                guidance_interval=s.guidance_interval)  # (b, 64, F)
             images += self.decoder.decode(
                 f, decoder_steps or s.decoder_steps,
                 s.decoder_guidance_scale if decoder_guidance_scale is None else decoder_guidance_scale,

@@ -246,6 +246,27 @@ def test_guided_velocity_uses_zeros_as_null_condition():
     assert guided_velocity(model, 1.0) is model
 
 
+def test_guidance_interval_guides_only_inside_it():
+    def model(x_t, t, cond, cond_mask):  # v_cond = 3, v_uncond (zeros condition) = 1
+        return x_t * 0 + cond.mean(dim=(1, 2))[:, None, None] + 1.0
+
+    cond, x = torch.full((3, 5, 2), 2.0), rand(3, 4, 6, seed=11)
+    v = guided_velocity(model, 3.0, (0.2, 0.8))
+    for t, expected in ((0.1, 3.0), (0.2, 7.0), (0.5, 7.0), (0.8, 7.0), (0.9, 3.0)):
+        assert torch.allclose(v(x, torch.full((3,), t), cond, None), torch.full_like(x, expected)), t
+    # the sampler integrates the conditional field before 0.5 and the guided one after
+    flow = FlowMatching(guidance_scale=3.0, guidance_interval=[0.5, 1.0])  # a YAML list
+    assert flow.guidance_interval == (0.5, 1.0)
+    x_1 = flow.sample(model, cond, (4, 6), x_0=torch.zeros(3, 4, 6), num_steps=10).x_1
+    assert torch.allclose(x_1, torch.full_like(x_1, 0.5 * 3.0 + 0.5 * 7.0))
+    everywhere = flow.sample(model, cond, (4, 6), x_0=torch.zeros(3, 4, 6), num_steps=10,
+                             guidance_interval=(0.0, 1.0)).x_1
+    assert torch.allclose(everywhere, torch.full_like(x_1, 7.0))
+    for bad in ([0.5], [0.8, 0.2], [-0.1, 1.0]):
+        with pytest.raises(ValueError, match=r"guidance_interval must be \[lo, hi\] with 0 <= lo <= hi <= 1"):
+            FlowMatching(guidance_interval=bad)
+
+
 # ---------------------------------------------------------------- the recipe
 def test_flow_matching_loss_is_mse_to_velocity():
     fm = FlowMatching(cond_drop_prob=0.0)

@@ -89,6 +89,7 @@ def test_from_config_builds_toy_sizes_and_sampling_numbers():
     s = pipe.sampling
     assert (s.num_inference_steps, s.guidance_scale, s.decoder_steps, s.decoder_guidance_scale) == (
         flow["num_steps"], flow["guidance_scale"], dec_eval["num_inference_steps"], dec_eval["guidance_scale"])
+    assert s.guidance_interval == tuple(flow.get("guidance_interval", (0.0, 1.0)))
     assert pipe.generator.dit_cfg.dim == cfg["generation"]["dit"]["dim"]
     assert pipe.decoder.cfg.block_out_channels == tuple(cfg["decoder"]["block_out_channels"])
     out = pipe(["a photo of a red circle", "two blue squares"], num_inference_steps=2, decoder_steps=2)

@@ -312,20 +312,38 @@ def test_ablate_decoder_tokens_script(tiny_run, monkeypatch, capsys):
     assert scores[own] == round(stage, 4)
 
 
+def test_guidance_interval_script(tiny_run, monkeypatch, capsys):
+    """scripts/guidance_interval.py (docs/status.md's guidance-interval figures): guidance at every
+    step, with the evaluation's seed, reproduces the evaluation stage's score."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    _, out = tiny_run
+    script = Path(__file__).parents[1] / "scripts" / "guidance_interval.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--intervals", "0:1", "0.5:1", "--seeds", "0"])
+    runpy.run_path(str(script), run_name="__main__")
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert [r.split(":")[0] for r in rows] == ["seed 0  guidance at t in [0, 1]", "seed 0  guidance at t in [0.5, 1]"]
+    stage = json.loads((out / "evaluation" / "metrics.json").read_text())["geneval_mini"]["overall"]
+    assert f"GenEval-mini {stage:.3f} " in rows[0]
+
+
 def test_sampling_settings_rerun_the_evaluation_not_the_training(tiny_run):
-    """generation.flow's num_steps / guidance_scale / sde_noise are read when sampling only:
+    """generation.flow's num_steps / guidance_scale / guidance_interval / sde_noise are read when sampling only:
     changing them keeps the trained generator and re-runs the evaluation with the new numbers
     (last in this file: it replaces the tiny run's evaluation)."""
     _, out = tiny_run
     cfg = run_config(out)
-    cfg["generation"]["flow"].update(guidance_scale=1.0, sde_noise=0.5)
+    cfg["generation"]["flow"].update(guidance_scale=1.0, sde_noise=0.5, guidance_interval=[0.2, 1.0])
     results = ensure_stage("evaluation", cfg, out)
     assert results["generation"].skipped and results["decoder"].skipped
     assert not results["evaluation"].skipped
     sampling = results["evaluation"].metrics["sampling"]
-    assert (sampling["guidance_scale"], sampling["sde_noise"]) == (1.0, 0.5)
+    assert (sampling["guidance_scale"], sampling["sde_noise"], list(sampling["guidance_interval"])) == (1.0, 0.5, [0.2, 1.0])
     pipe = Blip3oMiniPipeline.from_pretrained(results["evaluation"].path / "pipeline")
     assert pipe.sampling.sde_noise == 0.5  # the saved pipeline samples as the evaluation did
+    assert pipe.sampling.guidance_interval == (0.2, 1.0)
     counts = results["evaluation"].metrics["object_counts"]  # one row per tag, fractions of its images
     assert counts and set(counts) <= set(results["evaluation"].metrics["geneval_mini"])
     assert all(abs(c["fewer"] + c["exact"] + c["more"] - 1) < 1e-9 and c["blank"] <= c["fewer"] for c in counts.values())

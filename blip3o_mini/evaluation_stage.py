@@ -37,7 +37,10 @@ def evaluation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     ecfg = build(EvaluationConfig, section)
     # Sampling numbers are the config's own (generation.flow, decoder.eval), as every pipeline's.
     sampling = SamplingConfig.from_config(cfg)
-    key = fingerprint("evaluation", EVALUATION_STAGE_VERSION, section, asdict(sampling),
+    numbers = asdict(sampling)
+    if sampling.guidance_interval == (0.0, 1.0):  # the default keys as before the setting existed: runs stay valid
+        del numbers["guidance_interval"]
+    key = fingerprint("evaluation", EVALUATION_STAGE_VERSION, section, numbers,
                       *(upstream[s].key for s in ("clip", "understanding", "generation", "decoder")))
     out = Path(run_dir) / "evaluation"
     if stage_complete(out, key):

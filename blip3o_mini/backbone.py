@@ -30,6 +30,7 @@ from torch import nn
 
 from .artifacts import atomic_write_json, load_tensors, save_tensors
 from .backbone_interface import Backbone, as_image_batch, gather_positions, positions_from_mask
+from .dit import sincos_grid
 from .tokenizer import chat_format_of, expand_image_placeholders, generation_prompt
 
 WEIGHTS = "model.safetensors"
@@ -80,21 +81,6 @@ class Projector(nn.Module):
         if m > 1:  # (B, G*G, D) -> (B, (G/m)^2, m*m*D), neighbours side by side
             x = rearrange(x, "b (h m1 w m2) d -> b (h w) (m1 m2 d)", h=G // m, m1=m, m2=m)
         return self.fc2(self.act(self.fc1(x)))  # (B, N / m^2, H)
-
-
-def sincos_grid(side: int, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """MAE's fixed 2D sin-cos positions as a row table and a column table, (G, H) each: the row's
-    sines and cosines fill the first half of the width, the column's the second, so their sum is
-    MAE's concatenation. Unit amplitude, ordered from the start (each low frequency's sine rises
-    with the index), where a random start at std 0.02 stays ~30x smaller than the projected tokens
-    through a toy run (docs/status.md)."""
-    half = hidden_size // 2
-    freqs = 1.0 / 10000 ** (torch.arange(half // 2) / (half // 2))  # (H/4,)
-    angles = torch.arange(side)[:, None] * freqs  # (G, H/4)
-    table = torch.cat([angles.sin(), angles.cos()], dim=1)  # (G, H/2)
-    row, col = torch.zeros(side, hidden_size), torch.zeros(side, hidden_size)
-    row[:, :half], col[:, half:half * 2] = table, table
-    return row, col
 
 
 class GridPositions(nn.Module):

@@ -56,8 +56,6 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .backbone import sincos_grid
-
 # BLIP3-o 8B: EVA-CLIP 1792-d tokens, Qwen2.5-VL-7B hidden size 3584 (use as YAML overrides).
 FULL_DIT = dict(in_dim=1792, cond_dim=3584, dim=1792, depth=24, num_heads=28)
 
@@ -110,11 +108,26 @@ class DiTConfig:
         return m * math.ceil(int(self.ffn_mult * self.dim) / m)
 
 
-# ---------------------------------------------------------------------------- 2D RoPE
+# ---------------------------------------------------------------------------- 2D positions: RoPE, sin-cos tables
 def grid_positions(grid: int) -> Tensor:
     """(row, column) of each token in raster order: (N, 2)."""
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     return torch.stack([rows.flatten(), cols.flatten()], dim=-1).float()  # (N, 2)
+
+
+def sincos_grid(side: int, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAE's fixed 2D sin-cos positions as a row table and a column table, (G, H) each: the row's
+    sines and cosines fill the first half of the width, the column's the second, so their sum is
+    MAE's concatenation. Unit amplitude, ordered from the start (each low frequency's sine rises
+    with the index), where a random start at std 0.02 stays ~30x smaller than the projected tokens
+    through a toy run (docs/status.md)."""
+    half = hidden_size // 2
+    freqs = 1.0 / 10000 ** (torch.arange(half // 2) / (half // 2))  # (H/4,)
+    angles = torch.arange(side)[:, None] * freqs  # (G, H/4)
+    table = torch.cat([angles.sin(), angles.cos()], dim=1)  # (G, H/2)
+    row, col = torch.zeros(side, hidden_size), torch.zeros(side, hidden_size)
+    row[:, :half], col[:, half:half * 2] = table, table
+    return row, col
 
 
 def rope_angles(positions: Tensor, head_dim: int, theta: float = 10000.0) -> Tensor:

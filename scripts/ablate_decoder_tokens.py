@@ -41,17 +41,12 @@ def main() -> None:
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     args = p.parse_args()
 
-    from blip3o_mini.config import build
     from blip3o_mini.evaluation.folder import batch_seed
-    from blip3o_mini.evaluation_stage import EvaluationConfig, evaluation_prompts
-    from blip3o_mini.pipeline import Blip3oMiniPipeline, SamplingConfig
-    from blip3o_mini.run import run_config, stage_attention_kernel
+    from blip3o_mini.evaluation_stage import evaluation_prompts, run_evaluation_setup
+    from blip3o_mini.run import stage_attention_kernel
 
     run = args.run_dir.expanduser()
-    cfg = run_config(run)
-    s = SamplingConfig.from_config(cfg)
-    pipe = Blip3oMiniPipeline.from_run(run, s)
-    ecfg = build(EvaluationConfig, cfg.get("evaluation", {}))
+    cfg, s, pipe, ecfg = run_evaluation_setup(run)
     prompts = evaluation_prompts(ecfg)
     starts = range(0, len(prompts), ecfg.prompts_per_batch)
     seeds = [batch_seed(ecfg.seed, i) for i in starts]
@@ -86,7 +81,8 @@ def dit_tokens(pipe, prompts, starts, seeds, per_batch: int, s, temperature: flo
         cond = gen.condition(pipe.backbone, batch)  # (b, Nq, K)
         x_0 = torch.randn((len(batch), gen.cfg.num_tokens, gen.dit_cfg.in_dim), generator=g) * temperature
         r = gen.flow.sample(gen.dit, cond, x_0.shape[1:], x_0=x_0, num_steps=s.num_inference_steps,
-                            guidance_scale=s.guidance_scale, generator=g, sde_noise=s.sde_noise)
+                            guidance_scale=s.guidance_scale, generator=g, sde_noise=s.sde_noise,
+                            guidance_interval=s.guidance_interval)
         out[seed] = (gen.denormalize(r.x_1), g.get_state())  # (b, 64, F)
     return out
 

@@ -220,7 +220,7 @@ def test_patch_size_must_divide_the_grid():
 
 
 def test_sincos_pos_embed_adds_the_row_and_column_tables_to_each_token():
-    from blip3o_mini.backbone import sincos_grid
+    from blip3o_mini.dit import sincos_grid
 
     cfg = DiTConfig(in_dim=8, cond_dim=12, dim=32, depth=2, num_heads=2, grid=8, multiple_of=16, pos_embed="sincos")
     model = perturbed(cfg)

@@ -312,21 +312,26 @@ def test_ablate_decoder_tokens_script(tiny_run, monkeypatch, capsys):
     assert scores[own] == round(stage, 4)
 
 
-def test_guidance_interval_script(tiny_run, monkeypatch, capsys):
-    """scripts/guidance_interval.py (docs/status.md's guidance-interval figures): guidance at every
-    step, with the evaluation's seed, reproduces the evaluation stage's score."""
+def test_sampling_sweep_script(tiny_run, monkeypatch, capsys):
+    """scripts/sampling_sweep.py (docs/status.md's guidance-interval and seed-spread figures): the
+    run's own numbers with the evaluation's seed reproduce the evaluation stage's score; an unknown
+    setting is a one-line error naming the settings there are."""
     import runpy
     import sys
     from pathlib import Path
 
     _, out = tiny_run
-    script = Path(__file__).parents[1] / "scripts" / "guidance_interval.py"
-    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--intervals", "0:1", "0.5:1", "--seeds", "0"])
+    script = Path(__file__).parents[1] / "scripts" / "sampling_sweep.py"
+    variants = ["run", "guidance_interval=0.5:1,num_inference_steps=3"]
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--variants", *variants, "--seeds", "0"])
     runpy.run_path(str(script), run_name="__main__")
     rows = capsys.readouterr().out.strip().splitlines()
-    assert [r.split(":")[0] for r in rows] == ["seed 0  guidance at t in [0, 1]", "seed 0  guidance at t in [0.5, 1]"]
+    assert [r.split(": GenEval-mini")[0] for r in rows] == [f"seed 0  {v}" for v in variants]
     stage = json.loads((out / "evaluation" / "metrics.json").read_text())["geneval_mini"]["overall"]
     assert f"GenEval-mini {stage:.3f} " in rows[0]
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--variants", "cfg=3"])
+    with pytest.raises(SystemExit, match="unknown sampling setting 'cfg' in 'cfg=3'; choose from num_inference_steps"):
+        runpy.run_path(str(script), run_name="__main__")
 
 
 def test_sampling_settings_rerun_the_evaluation_not_the_training(tiny_run):

@@ -285,7 +285,8 @@ class FlowMatching:
         if x_0 is None:
             x_0 = torch.randn((B, *shape), generator=generator, device=cond.device, dtype=cond.dtype)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        v = guided_velocity(model, scale, check_interval(guidance_interval or self.guidance_interval))
+        interval = self.guidance_interval if guidance_interval is None else check_interval(guidance_interval)
+        v = guided_velocity(model, scale, interval)
         if num_steps is None:  # the sampler's step size: 30 steps from 0 are 15 from 0.5
             num_steps = max(1, round(self.num_steps * (1 - start)))
         return euler_sample(lambda x, t: v(x, t, cond, cond_mask), x_0, num_steps, return_trajectory,

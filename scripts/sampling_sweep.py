@@ -27,13 +27,12 @@ def parse_variant(text: str, base):
     """`base` (a SamplingConfig) with the fields `text` sets: "run", or "k=v,k=v"."""
     if text == "run":
         return base
-    fields = {f.name: f.type for f in dataclasses.fields(base)}
+    names = [f.name for f in dataclasses.fields(base) if f.name != "batch_size"]  # batch size changes no image
     changes = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        if key not in fields or key == "batch_size":
-            raise SystemExit(f"unknown sampling setting {key!r} in {text!r}; choose from "
-                             f"{', '.join(k for k in fields if k != 'batch_size')}")
+        if key not in names:
+            raise SystemExit(f"unknown sampling setting {key!r} in {text!r}; choose from {', '.join(names)}")
         changes[key] = (tuple(float(x) for x in value.split(":")) if key == "guidance_interval"
                         else int(value) if key.endswith("steps") else float(value))
     return dataclasses.replace(base, **changes)

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from .data.dataset import scene_of
-from .data.text import position_turns
+from .data.text import direction_turns, position_turns
 
 IMG_MARKER = "[IMG]"  # BLIP3-o: what follows this marker is the image to generate (stage 2)
 CAPTION_PROMPT = "describe the image."  # captioning is VQA with this question (LLaVA style)
@@ -82,9 +82,10 @@ def special_tokens(fmt: ChatFormat) -> list[str]:
     return [fmt.pad, fmt.end_of_turn, fmt.image, *fmt.roles, *fmt.extra]
 
 
-def shapesworld_texts(rows: Iterable[dict], positions: bool = False) -> Iterable[str]:
+def shapesworld_texts(rows: Iterable[dict], positions: bool = False, directions: bool = False) -> Iterable[str]:
     """Every caption, question and answer of dataset rows (+ the fixed prompts and role names),
-    with `positions` also their position turns (`data.text.position_turns`; rows need `objects`)."""
+    with `positions` also their position turns (`data.text.position_turns`) and with
+    `directions` their direction turns (`data.text.direction_turns`; both need rows' `objects`)."""
     yield CAPTION_PROMPT
     yield "system user assistant"
     for row in rows:
@@ -93,6 +94,8 @@ def shapesworld_texts(rows: Iterable[dict], positions: bool = False) -> Iterable
         yield from row["answers"]
         if positions:
             yield from (text for turn in position_turns(scene_of(row)) for text in turn)
+        if directions:
+            yield from (text for turn in direction_turns(scene_of(row)) for text in turn)
 
 
 def build_tokenizer(texts: Iterable[str], chat_format: str = "toy",

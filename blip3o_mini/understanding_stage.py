@@ -82,7 +82,8 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
         backbone = QwenVLBackbone.from_pretrained(ucfg.pretrained)
     else:
         train_rows = ds["train"].select_columns(TRAIN_COLUMNS).to_list()
-        tokenizer = build_tokenizer(shapesworld_texts(train_rows, train_cfg.position_turns), vocab_size=ucfg.vocab_size)
+        tokenizer = build_tokenizer(shapesworld_texts(train_rows, train_cfg.position_turns, train_cfg.direction_turns),
+                                    vocab_size=ucfg.vocab_size)
         features = load_split_features(clip.path, "train")  # (N, 64, D), frozen CLIP, cached
         bcfg = build(BackboneConfig, (ucfg.backbone or {}) | {"vision_dim": features.shape[-1],
                                                               "num_image_tokens": features.shape[1]})

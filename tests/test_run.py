@@ -222,6 +222,33 @@ def test_grid_positions_scale_script(tiny_run, monkeypatch, capsys, tmp_path):
     assert f"{out.name}: no grid positions" in printed
 
 
+def test_direction_probe_script(tiny_run, monkeypatch, capsys):
+    """scripts/direction_probe.py (the README's direction figures): the backbone's answers to
+    direction, position and relation turns beside the one-object and both-halves guesses."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from blip3o_mini.data.dataset import scene_of
+
+    script = Path(__file__).parents[1] / "scripts" / "direction_probe.py"
+    guesses = runpy.run_path(str(script))["one_object_guesses"]
+    objects = [{"shape": "circle", "color": "red", "bbox": [4, 4, 16, 16]},  # centre (10, 10)
+               {"shape": "square", "color": "blue", "bbox": [20, 40, 30, 50]}]  # centre (25, 45): both left of 32
+    turns = [("where is the blue square from the red circle?", "right"),
+             ("where is the red circle from the blue square?", "left")]
+    one, both = guesses(scene_of({"objects": objects}), turns)
+    assert one == ["left", "left"]  # the first-named object's half: wrong for the square, right for the circle
+    assert both == ["below", "above"]  # same horizontal half, so the vertical halves decide: wrong for both
+    _, out = tiny_run
+    monkeypatch.setattr(sys, "argv", [str(script), str(out), "--scenes", "40"])
+    runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{out.name}: direction ") and "one object's half" in printed
+    scores = [float(printed.split(f"{k} ")[1][:5]) for k in ("direction", "position", "relation")]
+    assert all(0 <= v <= 1 for v in scores)
+
+
 def test_sdedit_script_scores_tokens_finished_from_each_start(tiny_run, monkeypatch, capsys):
     """scripts/sdedit_geneval.py (the README's scores by noise level)."""
     import runpy

@@ -175,7 +175,7 @@ def test_understanding_configs_change_only_the_understanding_stage():
     from blip3o_mini.training.understanding import UnderstandingTrainConfig
 
     toy = leaves(load_config("toy"))
-    for name in ("toy-relation", "toy-relation-turns", "toy-vqa"):
+    for name in ("toy-relation", "toy-relation-turns", "toy-vqa", "toy-directions"):
         cfg = load_config(name)
         changed = {k for k, v in leaves(cfg).items() if toy.get(k, "unset") != v}
         assert changed - {"run_dir"} and all(k.startswith("understanding.") for k in changed - {"run_dir"}), name
@@ -185,6 +185,8 @@ def test_understanding_configs_change_only_the_understanding_stage():
     vqa = load_config("toy-vqa")["understanding"]
     assert vqa["train"] == {**turns["train"], "count_turns": True, "type_loss_every": 25, "optimizer": "muon"}
     assert vqa["backbone"] == turns["backbone"]
+    directions = load_config("toy-directions")["understanding"]
+    assert directions == {**vqa, "train": {**vqa["train"], "direction_turns": True}}
 
 
 def test_trainer_flags_override_yaml():

@@ -127,6 +127,34 @@ def test_relation_turns_ask_every_named_pair_with_true_answers():
         conversation({k: v for k, v in row.items() if k != "objects"}, relations=True)
 
 
+def test_direction_turns_name_the_shown_relation_of_every_named_pair_after_the_other_turns():
+    from blip3o_mini.data.dataset import scene_of
+    from blip3o_mini.data.text import direction_turns, relation_turns
+
+    objects = [{"shape": "circle", "color": "red", "bbox": [4, 40, 20, 56]},
+               {"shape": "triangle", "color": "green", "bbox": [24, 4, 38, 18]},
+               {"shape": "circle", "color": "red", "bbox": [26, 42, 38, 54]},  # two red circles: not named
+               {"shape": "square", "color": "blue", "bbox": [26, 22, 38, 34]}]
+    scene = scene_of({"objects": objects})
+    # green triangle (31, 11) vs blue square (32, 28): only a vertical relation -> above / below
+    expected = {("where is the green triangle from the blue square?", "above"),
+                ("where is the blue square from the green triangle?", "below")}
+    (turn,) = direction_turns(scene)
+    assert turn in expected and direction_turns(scene) == direction_turns(scene_of({"objects": objects}))
+    answers = [ans for i in range(200) for _, ans in direction_turns(scene_of(make_sample(0, "train", i)))]
+    assert len(answers) > 200 and set(answers) == {"left", "right", "above", "below"}
+    assert 0.4 < answers.count("left") / (answers.count("left") + answers.count("right")) < 0.6  # both orders
+    row = ROWS[5]
+    plain = conversation(row, positions=True, relations=True, counts=True)
+    full = conversation(row, positions=True, relations=True, counts=True, directions=True)
+    assert full[:len(plain)] == plain and full[len(plain):] == direction_turns(scene_of(row))  # last: never read by a relation
+    assert len(direction_turns(scene_of(row))) == len(relation_turns(scene_of(row)))  # one per related pair
+    assert len(build_tokenizer(shapesworld_texts(ROWS)).tokenize("from")) > 1  # "from" is not a ShapesWorld word...
+    assert build_tokenizer(shapesworld_texts(ROWS, directions=True)).tokenize("where is the red circle from")[-1] == "Ġfrom"
+    with pytest.raises(ValueError, match="direction_turns needs each row's scene graph"):
+        conversation({k: v for k, v in row.items() if k != "objects"}, directions=True)
+
+
 def test_count_turns_count_every_shape_not_yet_asked():
     from blip3o_mini.data.dataset import scene_of
     from blip3o_mini.data.text import count_turns

@@ -184,6 +184,28 @@ def relation_turns(scene: Scene) -> list[tuple[str, str]]:
     return turns
 
 
+def direction_turns(scene: Scene) -> list[tuple[str, str]]:
+    """Where each uniquely named object is from each other one, asked once per pair:
+    "where is the red circle from the blue square?" -> "left", "right", "above" or "below".
+
+    Training turns only. A relation question's yes / no is the XNOR of two things: the relation
+    the image shows and the relation the question asks. The asked word alone says nothing (a fair
+    coin picks the true relation or its inverse) and one object's place alone says little, so the
+    answer loss has almost no slope toward reading the shown relation until both are read at
+    once: the toy LM sits at chance (ln 2) for hundreds of steps and leaves it in some runs only
+    (docs/status.md). These turns ask for the shown relation itself, a target with a slope from
+    the first step. Pair order comes from a hash of the scene, as in `relation_turns`."""
+    unique = _named(scene)
+    rng = np.random.default_rng(zlib.crc32(repr(scene.objects).encode()) + 1)
+    turns = []
+    for i, a in enumerate(unique):
+        for b in unique[i + 1:]:
+            x, y = (b, a) if rng.random() < 0.5 else (a, b)
+            if (rel := relation(x, y)) is not None:
+                turns.append((f"where is {_the(x)} from {_the(y)}?", rel.split()[0]))
+    return turns
+
+
 def count_turns(scene: Scene, asked: tuple[str, ...] = ()) -> list[tuple[str, str]]:
     """How many of each shape the scene holds, zero included: "how many circles are there?" ->
     "two", for every shape whose question is not already in `asked`.

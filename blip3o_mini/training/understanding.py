@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..backbone import ToyBackbone
 from ..data.dataset import scene_of
-from ..data.text import QUESTION_TYPES, count_turns, position_turns, relation_turns
+from ..data.text import QUESTION_TYPES, count_turns, direction_turns, position_turns, relation_turns
 from ..tokenizer import CAPTION_PROMPT
 from .attention_kernel import runs_on_cpu
 from .clip import TrainResult  # the same result record as the CLIP and generation recipes
@@ -58,6 +58,7 @@ class UnderstandingTrainConfig:
     position_turns: bool = False  # also train "where is the red circle?" turns (data.text.position_turns)
     relation_turns: bool = False  # also train every pair's relation question (data.text.relation_turns)
     count_turns: bool = False  # also train every shape's count question (data.text.count_turns)
+    direction_turns: bool = False  # also train "where is A from B?" -> left / ... (data.text.direction_turns)
     type_loss_every: int = 0  # every N steps the answer loss on held-out questions of each type (0: off)
     # torch.compile the LM's training forward: true, false or auto (where a
     # compiler is found; training/compile.py). A speed setting, left out of the stage's fingerprint.
@@ -85,21 +86,25 @@ def torch_threads(num_threads: int | None):
 
 
 def conversation(row: dict, caption_prompt: str = CAPTION_PROMPT, positions: bool = False,
-                 relations: bool = False, counts: bool = False) -> list[tuple[str, str]]:
+                 relations: bool = False, counts: bool = False, directions: bool = False) -> list[tuple[str, str]]:
     """An image's training turns: captioning as a question, then its question-answer pairs,
     then with `positions` where each object is (`position_turns`), with `relations` every
     pair's relation (`relation_turns`), with `counts` every shape's count not yet asked
-    (`count_turns`); these need the row's scene graph (`objects`)."""
+    (`count_turns`), with `directions` where each named object is from each other one
+    (`direction_turns`); these need the row's scene graph (`objects`)."""
     turns = [(caption_prompt, row["captions"][0]), *zip(row["questions"], row["answers"])]
-    flags = ((positions, "position_turns"), (relations, "relation_turns"), (counts, "count_turns"))
+    flags = ((positions, "position_turns"), (relations, "relation_turns"), (counts, "count_turns"),
+             (directions, "direction_turns"))
     for flag, name in flags:
         if flag and "objects" not in row:
             raise ValueError(f"{name} needs each row's scene graph (`objects`); ShapesWorld rows carry "
                              f"it, WebDataset shards do not: set understanding.train.{name}: false")
-    scene = scene_of(row) if positions or relations or counts else None
+    scene = scene_of(row) if positions or relations or counts or directions else None
+    # Directions last: a relation question must not be answerable by reading a direction's answer
     return (turns + (position_turns(scene) if positions else [])
             + (relation_turns(scene) if relations else [])
-            + (count_turns(scene, tuple(row["questions"])) if counts else []))
+            + (count_turns(scene, tuple(row["questions"])) if counts else [])
+            + (direction_turns(scene) if directions else []))
 
 
 class PackedConversations(Dataset):
@@ -240,15 +245,16 @@ def train_understanding(backbone: ToyBackbone, features: torch.Tensor, rows: lis
     aligned dataset rows; resume from `ckpt_dir/last.ckpt` when an earlier run was interrupted.
     `trainer` (the config's `trainer:` section) sets accelerator, devices, nodes, strategy and
     precision; on several devices Lightning's `DistributedSampler` splits the shuffled rows.
-    `turns`: a row's training turns (default: `conversation`, with position, relation and count
-    turns when `cfg.position_turns`, `cfg.relation_turns` and `cfg.count_turns`).
+    `turns`: a row's training turns (default: `conversation`, with position, relation, count and
+    direction turns when `cfg.position_turns`, `cfg.relation_turns`, `cfg.count_turns` and
+    `cfg.direction_turns`).
     `held_out`: (features, rows with `question_types`) whose answer loss per type is recorded every
     `cfg.type_loss_every` steps (`type_batches`; the result's `curves["type_loss"]`)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     L.seed_everything(cfg.seed, verbose=False)
     turns = turns or functools.partial(conversation, positions=cfg.position_turns, relations=cfg.relation_turns,
-                                       counts=cfg.count_turns)
+                                       counts=cfg.count_turns, directions=cfg.direction_turns)
     packer = Packer(backbone.tokenizer, backbone.num_placeholders)
     data = PackedConversations(features, rows, packer, turns)
     pad_id = backbone.tokenizer.pad_token_id

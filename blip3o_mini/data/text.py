@@ -165,6 +165,18 @@ def position_turns(scene: Scene) -> list[tuple[str, str]]:
     return turns
 
 
+def _related_pairs(scene: Scene, rng: np.random.Generator):
+    """Each pair of uniquely named objects that stands in a relation, once: (x, y, relation of x
+    to y), the pair's order drawn from `rng` as the pairs are consumed (a caller may draw from
+    the same `rng` between pairs)."""
+    unique = _named(scene)
+    for i, a in enumerate(unique):
+        for b in unique[i + 1:]:
+            x, y = (b, a) if rng.random() < 0.5 else (a, b)
+            if (rel := relation(x, y)) is not None:
+                yield x, y, rel
+
+
 def relation_turns(scene: Scene) -> list[tuple[str, str]]:
     """Every relation the scene states, asked once per pair of uniquely named objects:
     "is the red circle left of the blue square?" -> yes, or its inverse -> no.
@@ -173,15 +185,8 @@ def relation_turns(scene: Scene) -> list[tuple[str, str]]:
     questions, too few for the small LM to learn the two-hop comparison in the mix. The pair's
     order and the yes / no side are drawn from a hash of the scene, so a row packs the same turns
     every time it is built."""
-    unique = _named(scene)
     rng = np.random.default_rng(zlib.crc32(repr(scene.objects).encode()))
-    turns = []
-    for i, a in enumerate(unique):
-        for b in unique[i + 1:]:
-            x, y = (b, a) if rng.random() < 0.5 else (a, b)
-            if relation(x, y) is not None:
-                turns.append(_ask_relation(x, y, rng))
-    return turns
+    return [_ask_relation(x, y, rng) for x, y, _ in _related_pairs(scene, rng)]  # order coin, then yes / no coin
 
 
 def direction_turns(scene: Scene) -> list[tuple[str, str]]:
@@ -195,15 +200,8 @@ def direction_turns(scene: Scene) -> list[tuple[str, str]]:
     once: the toy LM sits at chance (ln 2) for hundreds of steps and leaves it in some runs only
     (docs/status.md). These turns ask for the shown relation itself, a target with a slope from
     the first step. Pair order comes from a hash of the scene, as in `relation_turns`."""
-    unique = _named(scene)
     rng = np.random.default_rng(zlib.crc32(repr(scene.objects).encode()) + 1)
-    turns = []
-    for i, a in enumerate(unique):
-        for b in unique[i + 1:]:
-            x, y = (b, a) if rng.random() < 0.5 else (a, b)
-            if (rel := relation(x, y)) is not None:
-                turns.append((f"where is {_the(x)} from {_the(y)}?", rel.split()[0]))
-    return turns
+    return [(f"where is {_the(x)} from {_the(y)}?", rel.split()[0]) for x, y, rel in _related_pairs(scene, rng)]
 
 
 def count_turns(scene: Scene, asked: tuple[str, ...] = ()) -> list[tuple[str, str]]:

@@ -93,18 +93,16 @@ def conversation(row: dict, caption_prompt: str = CAPTION_PROMPT, positions: boo
     (`count_turns`), with `directions` where each named object is from each other one
     (`direction_turns`); these need the row's scene graph (`objects`)."""
     turns = [(caption_prompt, row["captions"][0]), *zip(row["questions"], row["answers"])]
-    flags = ((positions, "position_turns"), (relations, "relation_turns"), (counts, "count_turns"),
-             (directions, "direction_turns"))
-    for flag, name in flags:
-        if flag and "objects" not in row:
-            raise ValueError(f"{name} needs each row's scene graph (`objects`); ShapesWorld rows carry "
-                             f"it, WebDataset shards do not: set understanding.train.{name}: false")
-    scene = scene_of(row) if positions or relations or counts or directions else None
-    # Directions last: a relation question must not be answerable by reading a direction's answer
-    return (turns + (position_turns(scene) if positions else [])
-            + (relation_turns(scene) if relations else [])
-            + (count_turns(scene, tuple(row["questions"])) if counts else [])
-            + (direction_turns(scene) if directions else []))
+    # In this order; directions last, so no relation question can read a direction's answer
+    extras = [(name, make) for flag, name, make in (
+        (positions, "position_turns", position_turns), (relations, "relation_turns", relation_turns),
+        (counts, "count_turns", lambda scene: count_turns(scene, tuple(row["questions"]))),
+        (directions, "direction_turns", direction_turns)) if flag]
+    if extras and "objects" not in row:
+        raise ValueError(f"{extras[0][0]} needs each row's scene graph (`objects`); ShapesWorld rows carry "
+                         f"it, WebDataset shards do not: set understanding.train.{extras[0][0]}: false")
+    scene = scene_of(row) if extras else None
+    return turns + [turn for _, make in extras for turn in make(scene)]
 
 
 class PackedConversations(Dataset):

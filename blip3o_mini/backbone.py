@@ -49,6 +49,7 @@ class BackboneConfig:
     input_norm: bool = False  # LayerNorm on the CLIP tokens first (Qwen2.5-VL's PatchMerger `ln_q`)
     grid_positions: bool = False  # learned row + column embeddings on the image tokens (GridPositions)
     grid_init: str = "random"  # their start: "random" (std 0.02) or "sincos" (MAE's 2D sin-cos, unit scale)
+    grid_scale: float = 1.0  # multiplies that start: sincos at 0.25 sits between the two (docs/status.md)
     lm_type: str = "qwen3"  # a transformers causal-LM model_type (qwen3, qwen2, llama, ...)
     hidden_size: int = 256
     num_layers: int = 4
@@ -93,16 +94,18 @@ class GridPositions(nn.Module):
     (M-RoPE); the toy adds the two embeddings instead, as ViT-style models do. Alone they did not
     teach "is A left of B?"; with position turns they did (scripts/ablate_relation.py, docs/status.md)."""
 
-    def __init__(self, side: int, hidden_size: int, init: str = "random"):
+    def __init__(self, side: int, hidden_size: int, init: str = "random", scale: float = 1.0):
         super().__init__()
+        if not scale > 0:
+            raise ValueError(f"grid_scale must be > 0, got {scale}")
         if init == "random":
             row, col = torch.randn(side, hidden_size) * 0.02, torch.randn(side, hidden_size) * 0.02
         elif init == "sincos":
             row, col = sincos_grid(side, hidden_size)
         else:
             raise ValueError(f"grid_init must be 'random' or 'sincos', got {init!r}")
-        self.row_embed = nn.Parameter(row)  # (G, H)
-        self.col_embed = nn.Parameter(col)  # (G, H)
+        self.row_embed = nn.Parameter(row * scale)  # (G, H)
+        self.col_embed = nn.Parameter(col * scale)  # (G, H)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, G*G, H), row-major grid
         grid = self.row_embed[:, None] + self.col_embed[None, :]  # (G, G, H)
@@ -150,7 +153,8 @@ class ToyBackbone(Backbone):
                              f"multiple of merge_size {cfg.merge_size}")
         self.num_placeholders = cfg.num_image_tokens // cfg.merge_size ** 2  # image positions in the LM
         self.projector = Projector(cfg.vision_dim, cfg.hidden_size, cfg.merge_size, cfg.input_norm)
-        self.positions = (GridPositions(grid // cfg.merge_size, cfg.hidden_size, cfg.grid_init)
+        self.positions = (GridPositions(grid // cfg.merge_size, cfg.hidden_size, cfg.grid_init,
+                                        cfg.grid_scale)
                           if cfg.grid_positions else nn.Identity())
         self.lm = lm if lm is not None else build_lm(cfg, len(tokenizer), tokenizer.pad_token_id,
                                                      self.eos_token_id)

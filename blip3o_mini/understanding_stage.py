@@ -73,6 +73,8 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
 
     ucfg = build(UnderstandingConfig, section)
     train_cfg, eval_cfg = build(UnderstandingTrainConfig, ucfg.train), build(UnderstandingEvalConfig, ucfg.eval)
+    if "seed" not in (ucfg.train or {}):  # one seed for the LM's start and its data order, as the decoder
+        train_cfg.seed = cfg.get("seed", 0)
     ds = datasets.load_from_disk(str(upstream["data"].path / "shapesworld"))
     metrics: dict = {}
     result = None
@@ -87,7 +89,7 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
         features = load_split_features(clip.path, "train")  # (N, 64, D), frozen CLIP, cached
         bcfg = build(BackboneConfig, (ucfg.backbone or {}) | {"vision_dim": features.shape[-1],
                                                               "num_image_tokens": features.shape[1]})
-        torch.manual_seed(cfg.get("seed", 0))
+        torch.manual_seed(train_cfg.seed)  # `understanding.train.seed` draws another start, not only another order
         backbone = ToyBackbone(bcfg, tokenizer)
         ckpt_dir = out / f"lightning-{key}"  # resume state of this config only
         remove_stale_checkpoints(out, ckpt_dir)

@@ -218,6 +218,11 @@ def test_grid_positions_add_a_row_and_a_column_embedding(tmp_path):
     torch.testing.assert_close(row[3, :16], torch.cat([torch.sin(3 * 1e4 ** -(torch.arange(8) / 8)),
                                                        torch.cos(3 * 1e4 ** -(torch.arange(8) / 8))]))
     assert (row[1:, 7] > row[:-1, 7]).all()  # the lowest frequency's sine rises along the rows
+    quiet = ToyBackbone(BackboneConfig(**(vars(cfg) | {"grid_init": "sincos", "grid_scale": 0.25})), tok).positions
+    torch.testing.assert_close(quiet.row_embed.detach(), 0.25 * row)  # the same table, a quarter as loud
+    torch.testing.assert_close(quiet.col_embed.detach(), 0.25 * col)
+    with pytest.raises(ValueError, match="grid_scale must be > 0"):
+        ToyBackbone(BackboneConfig(**(vars(cfg) | {"grid_scale": 0.0})), tok)
     with pytest.raises(ValueError, match="grid_init must be 'random' or 'sincos'"):
         ToyBackbone(BackboneConfig(**(vars(cfg) | {"grid_init": "learned"})), tok)
     assert not hasattr(ToyBackbone(BackboneConfig(vision_dim=3, hidden_size=32, num_layers=1, num_heads=2,

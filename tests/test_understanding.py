@@ -330,6 +330,14 @@ def test_stage_end_to_end_and_answer(tmp_path, capsys):
     type_loss = json.loads((und.path / "type_loss_history.json").read_text())  # val questions, steps 0 and 2
     assert [step for step, _ in type_loss["relation"]] == [0, 2] and len(type_loss) == 5
     assert ensure_stage("understanding", tiny_run_config(), tmp_path)["understanding"].skipped
+    other = tiny_run_config()  # understanding.train.seed draws another start: its step-0 losses differ
+    other["understanding"]["train"]["seed"] = 1
+    (tmp_path / "seed1").mkdir()
+    for stage in ("data", "clip"):
+        (tmp_path / "seed1" / stage).symlink_to(tmp_path / stage)
+    again = json.loads((ensure_stage("understanding", other, tmp_path / "seed1")["understanding"].path
+                        / "type_loss_history.json").read_text())
+    assert again["color"][0][1] != pytest.approx(type_loss["color"][0][1], abs=1e-4)
     backbone = load_understanding(tmp_path)
     assert evaluate_stage_vqa(backbone, tmp_path) == pytest.approx(metrics["vqa_accuracy"])
 

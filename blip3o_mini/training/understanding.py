@@ -51,7 +51,7 @@ class UnderstandingTrainConfig:
     grad_clip: float = 1.0
     precision: str = "bf16-mixed"  # bf16 autocast (fast on AVX512-bf16 CPUs); the trainer: section's wins
     num_threads: int | None = None  # CPU threads while training (None: torch's default); see torch_threads
-    seed: int = 0
+    seed: int = 0  # the LM's start and the data order; left out of a run's config, the run's `seed:`
     log_every: int = 10
     print_every: int = 100  # a progress line (step, loss, seconds); 0: silent
     checkpoint_every: int = 50

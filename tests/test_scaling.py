@@ -171,15 +171,17 @@ def test_ci_config_is_the_toy_run_with_shorter_schedules():
 def test_understanding_configs_change_only_the_understanding_stage():
     """The relation and counting experiments (docs/status.md) must be the toy run with understanding options
     changed, so their VQA figures compare with the toy's."""
+    from blip3o_mini.backbone import BackboneConfig
     from blip3o_mini.config import build
     from blip3o_mini.training.understanding import UnderstandingTrainConfig
 
     toy = leaves(load_config("toy"))
-    for name in ("toy-relation", "toy-relation-turns", "toy-vqa", "toy-directions"):
+    for name in ("toy-relation", "toy-relation-turns", "toy-vqa", "toy-directions", "toy-grid-sincos"):
         cfg = load_config(name)
         changed = {k for k, v in leaves(cfg).items() if toy.get(k, "unset") != v}
         assert changed - {"run_dir"} and all(k.startswith("understanding.") for k in changed - {"run_dir"}), name
         build(UnderstandingTrainConfig, cfg["understanding"]["train"])  # every option is a real one
+        build(BackboneConfig, cfg["understanding"].get("backbone") or {})
     turns = load_config("toy-relation-turns")["understanding"]
     assert turns["train"]["relation_turns"] and turns["backbone"]["grid_positions"] and turns["train"]["max_steps"] == 700
     vqa = load_config("toy-vqa")["understanding"]
@@ -187,6 +189,8 @@ def test_understanding_configs_change_only_the_understanding_stage():
     assert vqa["backbone"] == turns["backbone"]
     directions = load_config("toy-directions")["understanding"]
     assert directions == {**vqa, "train": {**vqa["train"], "direction_turns": True}}
+    grid = load_config("toy-grid-sincos")["understanding"]
+    assert grid == {**directions, "backbone": {**directions["backbone"], "grid_init": "sincos", "grid_scale": 0.25}}
 
 
 def test_trainer_flags_override_yaml():

@@ -170,20 +170,31 @@ def test_ci_config_is_the_toy_run_with_shorter_schedules():
 
 def test_understanding_configs_change_only_the_understanding_stage():
     """The relation and counting experiments (docs/status.md) must be the toy run with understanding options
-    changed, so their VQA figures compare with the toy's."""
+    changed, so their VQA figures compare with the toy's; the ladder starts from toy-no-aids (every aid off)
+    and its last rung, toy-grid-sincos, is the toy's own recipe."""
+    from dataclasses import asdict
+
     from blip3o_mini.backbone import BackboneConfig
     from blip3o_mini.config import build
     from blip3o_mini.training.understanding import UnderstandingTrainConfig
 
+    def resolved(section):  # (train, backbone) with the dataclass defaults filled in
+        return (asdict(build(UnderstandingTrainConfig, section.get("train") or {})),
+                asdict(build(BackboneConfig, section.get("backbone") or {})))
+
     toy = leaves(load_config("toy"))
-    for name in ("toy-relation", "toy-relation-turns", "toy-vqa", "toy-directions", "toy-grid-sincos"):
+    ladder = ("toy-no-aids", "toy-relation", "toy-relation-turns", "toy-vqa", "toy-directions", "toy-grid-sincos")
+    for name in ladder:
         cfg = load_config(name)
         changed = {k for k, v in leaves(cfg).items() if toy.get(k, "unset") != v}
         assert changed - {"run_dir"} and all(k.startswith("understanding.") for k in changed - {"run_dir"}), name
-        build(UnderstandingTrainConfig, cfg["understanding"]["train"])  # every option is a real one
-        build(BackboneConfig, cfg["understanding"].get("backbone") or {})
+        resolved(cfg["understanding"])  # every option is a real one
+    plain_train, plain_backbone = resolved(load_config("toy-no-aids")["understanding"])
+    assert plain_train == asdict(UnderstandingTrainConfig(compile="auto", optimizer="muon"))
+    assert plain_backbone == asdict(BackboneConfig())
     turns = load_config("toy-relation-turns")["understanding"]
     assert turns["train"]["relation_turns"] and turns["backbone"]["grid_positions"] and turns["train"]["max_steps"] == 700
+    assert turns["backbone"]["grid_init"] == "random" and not turns["train"]["count_turns"]
     vqa = load_config("toy-vqa")["understanding"]
     assert vqa["train"] == {**turns["train"], "count_turns": True, "type_loss_every": 25, "optimizer": "muon"}
     assert vqa["backbone"] == turns["backbone"]
@@ -191,6 +202,7 @@ def test_understanding_configs_change_only_the_understanding_stage():
     assert directions == {**vqa, "train": {**vqa["train"], "direction_turns": True}}
     grid = load_config("toy-grid-sincos")["understanding"]
     assert grid == {**directions, "backbone": {**directions["backbone"], "grid_init": "sincos", "grid_scale": 0.25}}
+    assert resolved(grid) == resolved(load_config("toy")["understanding"])
 
 
 def test_trainer_flags_override_yaml():

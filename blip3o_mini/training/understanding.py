@@ -105,6 +105,12 @@ def conversation(row: dict, caption_prompt: str = CAPTION_PROMPT, positions: boo
     return turns + [turn for _, make in extras for turn in make(scene)]
 
 
+def training_turns(cfg: UnderstandingTrainConfig) -> Callable[[dict], list[tuple[str, str]]]:
+    """A row's training turns under `cfg`: `conversation` with the turns its flags switch on."""
+    return functools.partial(conversation, positions=cfg.position_turns, relations=cfg.relation_turns,
+                             counts=cfg.count_turns, directions=cfg.direction_turns)
+
+
 class PackedConversations(Dataset):
     """(CLIP features (N, D), packed row of all the image's turns), tokenised once. `turns` maps
     a dataset row to its (question, answer) turns (default: `conversation`)."""
@@ -251,8 +257,7 @@ def train_understanding(backbone: ToyBackbone, features: torch.Tensor, rows: lis
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     L.seed_everything(cfg.seed, verbose=False)
-    turns = turns or functools.partial(conversation, positions=cfg.position_turns, relations=cfg.relation_turns,
-                                       counts=cfg.count_turns, directions=cfg.direction_turns)
+    turns = turns or training_turns(cfg)
     packer = Packer(backbone.tokenizer, backbone.num_placeholders)
     data = PackedConversations(features, rows, packer, turns)
     pad_id = backbone.tokenizer.pad_token_id

@@ -61,3 +61,11 @@ def build(cls, section: dict | None):
     if unknown:
         raise ValueError(f"unknown {cls.__name__} option(s) {unknown}; valid: {sorted(names)}")
     return cls(**section)
+
+
+def with_run_seed(train_cfg, cfg: dict, train_section: dict | None):
+    """`train_cfg` with the run's `seed:` where the stage's `train:` leaves `seed` out, so one
+    line of a config draws every stage's start and data order (a stage's own seed still wins)."""
+    if "seed" not in (train_section or {}):
+        train_cfg.seed = cfg.get("seed", 0)
+    return train_cfg

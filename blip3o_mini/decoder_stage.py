@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import atomic_write_json, fingerprint, mark_complete, stage_complete
-from .config import build
+from .config import build, with_run_seed
 from .decoder import DecoderConfig, PixelDecoder
 from .run import StageResult, finish_on_rank_zero, remove_stale_checkpoints
 from .training.compile import without_speed_keys
@@ -121,8 +121,7 @@ def decoder_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     ds = datasets.load_from_disk(str(upstream["data"].path / "shapesworld"))
     train_feats = load_split_features(clip.path, "train")  # (M, 64, D)
     model_cfg, train_cfg, eval_cfg = decoder_configs(section, tuple(train_feats.shape))
-    if "seed" not in (section.get("train") or {}):
-        train_cfg.seed = cfg.get("seed", 0)
+    with_run_seed(train_cfg, cfg, section.get("train"))
     stats = feature_stats(clip.path)
     if stats.normalized:  # the cache already holds (x - mean) / std: nothing left to undo
         stats.mean, stats.std = torch.zeros_like(stats.mean), torch.ones_like(stats.std)

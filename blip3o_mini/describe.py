@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import build
+from .config import build, with_run_seed
 from .sizing import MemoryEstimate, memory_estimate, train_flops_per_sample
 
 __all__ = ["QWEN2_5_VL", "Components", "ComponentCount", "ModelDescription", "build_components", "describe",
@@ -85,7 +85,8 @@ def generation_configs(cfg: dict):
     if targets not in ("features", "images"):
         raise ValueError(f"data.targets must be 'features' (extracted once, blip3o-mini extract) "
                          f"or 'images' (encoded every step), got {targets!r}")
-    return build(GeneratorConfig, fields_), build(GenerationTrainConfig, side.get("train")), targets
+    train_cfg = with_run_seed(build(GenerationTrainConfig, side.get("train")), cfg, side.get("train"))
+    return build(GeneratorConfig, fields_), train_cfg, targets
 
 
 # ------------------------------------------------------------------------------ building

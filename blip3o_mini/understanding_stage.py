@@ -26,7 +26,7 @@ import torch
 
 from .artifacts import atomic_write_json, fingerprint, mark_complete, stage_complete
 from .backbone import BackboneConfig, ToyBackbone
-from .config import build
+from .config import build, with_run_seed
 from .run import StageResult, finish_on_rank_zero, remove_stale_checkpoints
 from .training.compile import without_speed_keys
 from .training.distributed import stage_trainer_config
@@ -73,8 +73,7 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
 
     ucfg = build(UnderstandingConfig, section)
     train_cfg, eval_cfg = build(UnderstandingTrainConfig, ucfg.train), build(UnderstandingEvalConfig, ucfg.eval)
-    if "seed" not in (ucfg.train or {}):  # one seed for the LM's start and its data order, as the decoder
-        train_cfg.seed = cfg.get("seed", 0)
+    with_run_seed(train_cfg, cfg, ucfg.train)  # one seed for the LM's start and its data order
     ds = datasets.load_from_disk(str(upstream["data"].path / "shapesworld"))
     metrics: dict = {}
     result = None

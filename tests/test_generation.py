@@ -279,3 +279,16 @@ def test_training_overfits_one_batch_and_keeps_backbone_frozen(optimizer):
     assert last < 0.7 * first, (first, last)
     assert weights_hash(bb) == before
     assert not bb.training  # Lightning's train() never put the frozen backbone in train mode
+
+
+def test_generation_train_seed_follows_the_runs_seed_unless_its_own_is_set():
+    """One `seed:` line draws every stage's start and data order; `generation.train.seed` still wins
+    (before, the generation stage trained from seed 0 whatever the run's seed)."""
+    from blip3o_mini.config import with_run_seed
+    from blip3o_mini.describe import generation_configs
+
+    assert generation_configs({"seed": 3, "generation": {}})[1].seed == 3
+    assert generation_configs({"seed": 3, "generation": {"train": {"seed": 5}}})[1].seed == 5
+    assert generation_configs({"generation": {"train": {"max_steps": 2}}})[1].seed == 0
+    train = generation_configs({"generation": {"train": {"seed": 0}}})[1]
+    assert with_run_seed(train, {"seed": 7}, {"seed": 0}).seed == 0  # its own seed 0 is a choice, kept

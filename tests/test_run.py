@@ -207,19 +207,21 @@ def test_grid_positions_scale_script(tiny_run, monkeypatch, capsys, tmp_path):
     from blip3o_mini.backbone import BackboneConfig, ToyBackbone
 
     _, out = tiny_run
-    plain = ToyBackbone.load(out / "understanding" / "backbone")
-    (tmp_path / "grid").mkdir()
-    for stage in ("data", "clip"):  # the run's own stages, read only
-        (tmp_path / "grid" / stage).symlink_to(out / stage)
-    cfg = BackboneConfig(**(vars(plain.cfg) | {"grid_positions": True, "grid_init": "sincos"}))
-    ToyBackbone(cfg, plain.tokenizer).save(tmp_path / "grid" / "understanding" / "backbone")
+    trained = ToyBackbone.load(out / "understanding" / "backbone")
+    for name, grid in (("grid", {"grid_positions": True, "grid_init": "sincos", "grid_scale": 1.0}),
+                       ("plain", {"grid_positions": False})):
+        (tmp_path / name).mkdir()
+        for stage in ("data", "clip"):  # the run's own stages, read only
+            (tmp_path / name / stage).symlink_to(out / stage)
+        cfg = BackboneConfig(**(vars(trained.cfg) | grid))
+        ToyBackbone(cfg, trained.tokenizer).save(tmp_path / name / "understanding" / "backbone")
     script = Path(__file__).parents[1] / "scripts" / "grid_positions_scale.py"
-    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "grid"), str(out)])
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "grid"), str(tmp_path / "plain")])
     runpy.run_path(str(script), run_name="__main__")
     printed = capsys.readouterr().out
     ratio = float(printed.split("the tokens are ")[1].split("x louder")[0])
-    assert "grid: projected tokens std" in printed and 0.1 < ratio < 10  # sin-cos: the tokens' scale
-    assert f"{out.name}: no grid positions" in printed
+    assert "grid: projected tokens std" in printed and 0.1 < ratio < 10  # unit sin-cos: the tokens' scale
+    assert "plain: no grid positions" in printed
 
 
 def test_direction_probe_script(tiny_run, monkeypatch, capsys):
@@ -544,3 +546,33 @@ def test_condition_loudness_script(tiny_run, monkeypatch, capsys):
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(rows) == {"none", "standardize", "whiten"}
     assert all(r["relation"] > 0 and r["colour"] > 0 for r in rows.values())
+
+
+def test_unseen_colour_script(tiny_run, monkeypatch, capsys):
+    """scripts/unseen_colour.py (docs/status.md, "Where unseen colour is lost"): colour answers on
+    unseen scenes, held-out objects apart, wrong answers sorted by where their colour comes from."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "unseen_colour.py"
+    ns = runpy.run_path(str(script))
+    rows = [{"unseen": True, "questions": ["what color is the triangle?", "what color is the circle?", "how many?"],
+             "answers": ["purple", "red", "two"], "question_types": ["color", "color", "count"],
+             "objects": [{"shape": "triangle", "color": "purple", "bbox": [4, 4, 16, 16]},
+                         {"shape": "circle", "color": "red", "bbox": [30, 30, 44, 44]}]},
+            {"unseen": False, "questions": ["what color is the square?"], "answers": ["blue"],
+             "question_types": ["color"], "objects": [{"shape": "square", "color": "blue", "bbox": [4, 4, 16, 16]}]}]
+    items = ns["colour_items"](rows)
+    assert [(i, a, held, others) for i, _, a, held, others in items] == [(0, "purple", True, {"red"}),
+                                                                          (0, "red", False, {"purple"})]
+    assert ns["sort_answers"](items, ["red", "red"], True) == (1, 0.0, 1.0, 0.0)  # the circle's colour
+    assert ns["sort_answers"](items, ["green", "green"], False) == (1, 0.0, 0.0, 1.0)  # in no object
+    _, out = tiny_run
+    monkeypatch.setattr(sys, "argv", [str(script), str(out), "--scenes", "60"])
+    runpy.run_path(str(script), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("run") and [ln.split()[1] for ln in lines[1:]] == ["held", "seen"]
+    for ln in lines[1:]:
+        fractions = [float(v) for v in ln.split()[-3:]]
+        assert int(ln.split()[-4]) == 0 or abs(sum(fractions) - 1) < 1e-3

@@ -36,7 +36,7 @@ class GenerationTrainConfig:
     log_every: int = 25
     num_workers: int = 0
     checkpoint_every: int = 200
-    seed: int = 0
+    seed: int = 0  # the DiT's and queries' start and the data order; left out of a run's config, the run's `seed:`
     # torch.compile the DiT's training forward and the LM's pass for Q: true, false or auto
     # (where a compiler is found; training/compile.py). A speed setting, left out of the stage's
     # fingerprint.

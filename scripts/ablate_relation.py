@@ -47,7 +47,7 @@ def main() -> None:
     import datasets
 
     from blip3o_mini.backbone import BackboneConfig, ToyBackbone
-    from blip3o_mini.evaluation.vqa import vqa_accuracy
+    from blip3o_mini.evaluation.vqa import answer_pairs, vqa_accuracy
     from blip3o_mini.features import load_encoder, load_split_features
     from blip3o_mini.tokenizer import build_tokenizer, shapesworld_texts
     from blip3o_mini.training.understanding import UnderstandingTrainConfig, train_understanding
@@ -77,8 +77,7 @@ def main() -> None:
         val = ds["val"].select_columns(["objects"]).to_list()
         turns = [(i, q, a) for i, r in enumerate(val) for q, a in position_turns(scene_of(r))]
         val_features = load_split_features(run / "clip", "val")
-        answers = [a for k in range(0, len(turns), 256) for a in backbone.answer_features(
-            val_features[[i for i, _, _ in turns[k:k + 256]]], [q for _, q, _ in turns[k:k + 256]], 4)]
+        answers = answer_pairs(backbone.answer_features, val_features, [(i, q) for i, q, _ in turns], 256, 4)
         correct = sum(got == a for got, (_, _, a) in zip(answers, turns))
         print(f"position turns: {correct / len(turns):.3f} of {len(turns)} (chance 0.5)")
 

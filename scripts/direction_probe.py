@@ -46,6 +46,7 @@ def main() -> None:
 
     from blip3o_mini.data.dataset import scene_of
     from blip3o_mini.data.text import direction_turns, position_turns
+    from blip3o_mini.evaluation.vqa import answer_pairs
     from blip3o_mini.features import load_split_features
     from blip3o_mini.understanding_stage import load_understanding
 
@@ -71,11 +72,7 @@ def main() -> None:
                                   if t == "relation"]
         scores = {}
         for kind, items in asked.items():
-            answers = []
-            for s in range(0, len(items), 64):
-                batch = items[s:s + 64]
-                answers += backbone.answer_features(features[[i for i, _, _ in batch]], [q for _, q, _ in batch],
-                                                    max_new_tokens=4)
+            answers = answer_pairs(backbone.answer_features, features, [(i, q) for i, q, _ in items], 64, 4)
             scores[kind] = sum(got == a for got, (_, _, a) in zip(answers, items)) / len(items)
         truth = [a for _, _, a in asked["direction"]]
         one_score = sum(g == a for g, a in zip(one, truth)) / len(truth)

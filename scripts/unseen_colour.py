@@ -54,6 +54,7 @@ def main() -> None:
 
     import datasets
 
+    from blip3o_mini.evaluation.vqa import answer_pairs
     from blip3o_mini.features import load_split_features
     from blip3o_mini.understanding_stage import load_understanding
 
@@ -65,11 +66,7 @@ def main() -> None:
         rows = datasets.load_from_disk(str(run / "data" / "shapesworld"))["val"].select_columns(columns)
         items = colour_items(rows.select(range(min(args.scenes, len(rows)))).to_list())
         features = load_split_features(run / "clip", "val")  # (N, 64, D)
-        answers = []
-        for s in range(0, len(items), 64):
-            batch = items[s:s + 64]
-            answers += backbone.answer_features(features[[it[0] for it in batch]], [it[1] for it in batch],
-                                                max_new_tokens=4)
+        answers = answer_pairs(backbone.answer_features, features, [it[:2] for it in items], 64, 4)
         for held in (True, False):
             n, right, other, absent = sort_answers(items, answers, held)
             print(f"{run.name:<14}{'held out' if held else 'seen pair':<14}{n:>10}{right:>8.3f}{other:>23.3f}"

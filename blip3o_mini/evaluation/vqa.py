@@ -77,14 +77,16 @@ class UnderstandingResult:
         return "\n".join(lines)
 
 
-def _answer_all(backbone, images: torch.Tensor, pairs: list[tuple[int, str]], batch_size: int,
-                max_new_tokens: int) -> list[str]:
-    """Greedy answers to (image index, question) pairs, `batch_size` at a time."""
+def answer_pairs(answer, inputs: torch.Tensor, pairs: list[tuple[int, str]], batch_size: int,
+                 max_new_tokens: int) -> list[str]:
+    """Greedy answers to (input index, question) pairs, `batch_size` at a time. `answer` is
+    `backbone.answer` with images as `inputs`, or `backbone.answer_features` with cached CLIP
+    tokens (N, 64, D)."""
     out: list[str] = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         idx = torch.tensor([j for j, _ in chunk])
-        out += backbone.answer(images[idx], [q for _, q in chunk], max_new_tokens=max_new_tokens)
+        out += answer(inputs[idx], [q for _, q in chunk], max_new_tokens=max_new_tokens)
     return out
 
 
@@ -116,7 +118,7 @@ def vqa_accuracy(backbone, split, images: torch.Tensor | None = None, batch_size
         for q, a, t in zip(cols["questions"][i], cols["answers"][i], cols["question_types"][i]):
             pairs.append((i, q))
             meta.append((i, a, t))
-    predictions = _answer_all(backbone, images, pairs, batch_size, max_new_tokens)
+    predictions = answer_pairs(backbone.answer, images, pairs, batch_size, max_new_tokens)
 
     hits: dict[tuple[bool, str], list[bool]] = defaultdict(list)
     by_count: dict[int, list[bool]] = defaultdict(list)
@@ -150,7 +152,8 @@ def caption_accuracy(backbone, split, images: torch.Tensor | None = None, batch_
     """(seen accuracy, unseen accuracy, number of scenes): a caption is right when the objects
     it names (`parse_caption`, colours included) are exactly the scene's."""
     n, cols, images = _split_columns(split, max_scenes, images)
-    texts = _answer_all(backbone, images, [(i, CAPTION_PROMPT) for i in range(n)], batch_size, max_new_tokens)
+    texts = answer_pairs(backbone.answer, images, [(i, CAPTION_PROMPT) for i in range(n)], batch_size,
+                         max_new_tokens)
     hits: dict[bool, list[bool]] = defaultdict(list)
     for i, text in enumerate(texts):
         scene = scene_of({"objects": cols["objects"][i]})

@@ -26,7 +26,7 @@ from .artifacts import atomic_write_json, fingerprint, mark_complete, stage_comp
 from .config import build
 from .features import ENCODER_DIR, FEATURES_DIR, extract_features, measure_stats, write_cache
 from .run import StageResult, finish_on_rank_zero, remove_stale_checkpoints
-from .training.clip import ClipTrainConfig, train_clip
+from .training.clip import ClipTrainConfig, resumed_note, train_clip
 from .training.distributed import stage_trainer_config
 from .vision import ClipConfig, ClipEncoder
 
@@ -103,7 +103,7 @@ def clip_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
 
 
 def _summary(m: dict) -> str:
-    trained = (f"trained {m['train_steps']} steps in {m['train_seconds']:.0f} s, final loss "
+    trained = (f"trained {m['train_steps']} steps in {m['train_seconds']:.0f} s{resumed_note(m)}, final loss "
                f"{m['final_loss']:.3f}; ") if m.get("train_steps") else ""
     return (f"CLIP: {trained}zero_shot_color_acc {m['zero_shot_color_acc']:.3f}, zero_shot_shape_acc "
             f"{m['zero_shot_shape_acc']:.3f} (seen compositions, n={m['num_single_object']}), recall_at_1 "

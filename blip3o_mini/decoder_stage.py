@@ -30,6 +30,7 @@ from .artifacts import atomic_write_json, fingerprint, mark_complete, stage_comp
 from .config import build, with_run_seed
 from .decoder import DecoderConfig, PixelDecoder
 from .run import StageResult, finish_on_rank_zero, remove_stale_checkpoints
+from .training.clip import resumed_note
 from .training.compile import without_speed_keys
 from .training.decoder import DecoderTrainConfig, train_decoder
 from .training.distributed import stage_trainer_config
@@ -172,7 +173,7 @@ def _summary(m: dict) -> str:
     tags = ", ".join(f"{t} {a:.2f}" for t, a in m["reconstruction_geneval_mini_per_tag"].items())
     ag = m["agreement"]
     loss = "n/a" if m["final_loss"] is None else f"{m['final_loss']:.4f}"
-    return (f"decoder: {m['train_steps']} steps in {m['train_seconds']:.0f} s "
+    return (f"decoder: {m['train_steps']} steps in {m['train_seconds']:.0f} s{resumed_note(m)} "
             f"({m['train_images_per_second']:.0f} img/s), final loss {loss}; "
             f"reconstruction GenEval-mini {m['reconstruction_geneval_mini']:.3f} ({tags}; originals "
             f"{m['originals_geneval_mini']:.3f}), PSNR {m['psnr_db']:.1f} dB, agreement colours "

@@ -29,7 +29,7 @@ from .artifacts import (atomic_write_json, fingerprint, load_tensors, mark_compl
                         stage_complete)
 from .generation import Blip3oGenerator, GeneratorConfig
 from .run import StageResult, finish_on_rank_zero, remove_stale_checkpoints
-from .training.clip import TrainResult
+from .training.clip import TrainResult, resumed_note
 from .training.compile import without_speed_keys
 from .training.generation import CaptionFeatureDataset
 
@@ -241,5 +241,5 @@ def train(cfg: dict, generator: Blip3oGenerator, backbone, dataset, ckpt_dir: Pa
 
 def _summary(m: dict, name: str = "generation") -> str:
     vqa = "n/a (no ShapesWorld)" if m["vqa_accuracy_after"] is None else f"{m['vqa_accuracy_after']:.4f}"
-    return (f"{name}: {m['train_steps']} steps in {m['train_seconds']:.0f} s, final loss "
+    return (f"{name}: {m['train_steps']} steps in {m['train_seconds']:.0f} s{resumed_note(m)}, final loss "
             f"{m['final_loss']:.3f}; backbone unchanged: {m['backbone_unchanged']}; VQA after stage 2: {vqa}")

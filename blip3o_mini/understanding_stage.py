@@ -28,6 +28,7 @@ from .artifacts import atomic_write_json, fingerprint, mark_complete, stage_comp
 from .backbone import BackboneConfig, ToyBackbone
 from .config import build, with_run_seed
 from .run import StageResult, finish_on_rank_zero, remove_stale_checkpoints
+from .training.clip import resumed_note
 from .training.compile import without_speed_keys
 from .training.distributed import stage_trainer_config
 from .training.understanding import UnderstandingTrainConfig, torch_threads
@@ -137,7 +138,8 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
 
 def summary(m: dict) -> str:
     fmt = lambda k: "-" if m.get(k) is None else f"{m[k]:.3f}"  # noqa: E731
-    trained = (f"trained {m['train_steps']} steps ({m['epochs']} epochs) in {m['train_seconds']:.0f} s, "
+    trained = (f"trained {m['train_steps']} steps ({m['epochs']} epochs) in {m['train_seconds']:.0f} s"
+               f"{resumed_note(m)}, "
                f"final loss {m['final_loss']:.3f}; ") if m.get("train_steps") else ""
     return (f"understanding: {trained}VQA {fmt('vqa_accuracy')} seen / {fmt('vqa_accuracy_unseen')} unseen, "
             f"captions {fmt('caption_accuracy')} seen / {fmt('caption_accuracy_unseen')} unseen")

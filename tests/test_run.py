@@ -576,3 +576,15 @@ def test_unseen_colour_script(tiny_run, monkeypatch, capsys):
     for ln in lines[1:]:
         fractions = [float(v) for v in ln.split()[-3:]]
         assert int(ln.split()[-4]) == 0 or abs(sum(fractions) - 1) < 1e-3
+
+
+def test_stage_summaries_say_when_the_time_is_a_resumed_runs_part():
+    # a stage resumed from a checkpoint times only its own call: the summary must say so
+    from blip3o_mini.generation_stage import _summary
+
+    m = {"train_steps": 3600, "train_seconds": 3702.0, "final_loss": 0.325, "backbone_unchanged": True,
+         "vqa_accuracy_after": 0.9642}
+    assert "resumed" not in _summary({**m, "resumed_from_step": None})
+    assert "resumed" not in _summary({**m, "resumed_from_step": 0})  # the decoder's fresh runs record 0
+    assert "3600 steps in 3702 s (resumed at step 1000: the time is from there on)" in _summary(
+        {**m, "resumed_from_step": 1000})

@@ -25,8 +25,9 @@ import torch
 from .artifacts import atomic_write_json, fingerprint, mark_complete, stage_complete
 from .config import build
 from .features import ENCODER_DIR, FEATURES_DIR, extract_features, measure_stats, write_cache
+from .report import resumed_note
 from .run import StageResult, finish_on_rank_zero, remove_stale_checkpoints
-from .training.clip import ClipTrainConfig, resumed_note, train_clip
+from .training.clip import ClipTrainConfig, train_clip
 from .training.distributed import stage_trainer_config
 from .vision import ClipConfig, ClipEncoder
 

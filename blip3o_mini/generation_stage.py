@@ -28,8 +28,9 @@ import torch
 from .artifacts import (atomic_write_json, fingerprint, load_tensors, mark_complete, save_tensors,
                         stage_complete)
 from .generation import Blip3oGenerator, GeneratorConfig
+from .report import resumed_note
 from .run import StageResult, finish_on_rank_zero, remove_stale_checkpoints
-from .training.clip import TrainResult, resumed_note
+from .training.clip import TrainResult
 from .training.compile import without_speed_keys
 from .training.generation import CaptionFeatureDataset
 

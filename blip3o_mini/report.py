@@ -31,6 +31,13 @@ def build_report(metrics: dict[str, dict], timings: dict[str, float], total: flo
     return report
 
 
+def resumed_note(m: dict) -> str:
+    """What a stage summary, and the report's time table, add after a stage's seconds when its run
+    resumed from a checkpoint: they are that call's only (metrics.json's `resumed_from_step`)."""
+    step = m.get("resumed_from_step")
+    return f" (resumed at step {step}: the time is from there on)" if step else ""
+
+
 def _fmt(v) -> str:
     if v is None:
         return "n/a"
@@ -48,8 +55,9 @@ def report_markdown(report: dict, grid: str | None = None) -> str:
               f"| reconstruction GenEval-mini (decoder on real CLIP features) | {_fmt(report.get('reconstruction_geneval_mini'))} |"]
     lines += [f"| CLIP {k} | {_fmt(v)} |" for k, v in report["clip"].items()]
     lines += [f"| VQA {k} | {_fmt(v)} |" for k, v in report["vqa"].items()]
-    lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in report["timings_s"].items()]
+    # this call's seconds: a cached stage costs only its check, a resumed one only its own part
+    lines += ["", "## Time per stage (this run)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f}{resumed_note(report['stages'].get(k, {}))} |" for k, v in report["timings_s"].items()]
     lines += [f"| **total** | **{report['total_s']:.1f}** |", ""]
     if grid:
         lines += ["## Prompts and generations", "", f"![grid]({grid})", ""]

@@ -27,8 +27,8 @@ import torch
 from .artifacts import atomic_write_json, fingerprint, mark_complete, stage_complete
 from .backbone import BackboneConfig, ToyBackbone
 from .config import build, with_run_seed
+from .report import resumed_note
 from .run import StageResult, finish_on_rank_zero, remove_stale_checkpoints
-from .training.clip import resumed_note
 from .training.compile import without_speed_keys
 from .training.distributed import stage_trainer_config
 from .training.understanding import UnderstandingTrainConfig, torch_threads

@@ -10,6 +10,7 @@ import yaml
 from blip3o_mini.cli import main
 from blip3o_mini.config import load_config
 from blip3o_mini.pipeline import Blip3oMiniPipeline, SamplingConfig
+from blip3o_mini.report import build_report, report_markdown
 from blip3o_mini.run import NEEDS, STAGES, ensure_stage, run_config, stages_for
 
 TINY = {
@@ -588,3 +589,8 @@ def test_stage_summaries_say_when_the_time_is_a_resumed_runs_part():
     assert "resumed" not in _summary({**m, "resumed_from_step": 0})  # the decoder's fresh runs record 0
     assert "3600 steps in 3702 s (resumed at step 1000: the time is from there on)" in _summary(
         {**m, "resumed_from_step": 1000})
+    report = build_report({"clip": {"resumed_from_step": None}, "generation": {**m, "resumed_from_step": 1000}},
+                          {"clip": 0.5, "generation": 3755.7}, 3756.2)
+    table = report_markdown(report)
+    assert "| clip | 0.5 |" in table
+    assert "| generation | 3755.7 (resumed at step 1000: the time is from there on) |" in table

@@ -162,13 +162,6 @@ class TrainResult:
                 "final_loss": self.loss_history[-1][1] if self.loss_history else None}
 
 
-def resumed_note(m: dict) -> str:
-    """What a stage summary adds after "N steps in S s" when its run resumed from a checkpoint:
-    the seconds are only that call's, not the stage's (metrics.json's `resumed_from_step`)."""
-    step = m.get("resumed_from_step")
-    return f" (resumed at step {step}: the time is from there on)" if step else ""
-
-
 def train_clip(encoder: ClipEncoder, images: torch.Tensor, captions: list[list[str]], cfg: ClipTrainConfig,
                ckpt_dir: str | Path, trainer: TrainerConfig | None = None,
                callbacks: list | None = None) -> TrainResult:

@@ -55,6 +55,9 @@ def main() -> None:
     p.add_argument("--dit-patch", type=int, default=None, help="override generation.dit.patch_size")
     p.add_argument("--dit-pos-embed", choices=["none", "sincos"], default=None,
                    help="override generation.dit.pos_embed (sincos: absolute 2D positions added to the tokens)")
+    p.add_argument("--dit-rope-theta", type=float, default=None,
+                   help="override generation.dit.rope_theta (10000 as Lumina; on an 8x8 grid most of its "
+                        "frequencies barely turn: a smaller base spreads them over the grid)")
     p.add_argument("--time-shift", type=float, default=None, help="override generation.flow.time_shift")
     p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
                    help="muon: Muon for the DiT blocks' matrices, AdamW for the rest (training/muon.py)")
@@ -90,7 +93,7 @@ def main() -> None:
 
 def with_overrides(gen, args, whitening: tuple):
     """The run's generator, or a copy whose features are normalised (and sampled) another way,
-    whose DiT has another width, depth, patch size or position embedding, or whose flow uses another time shift; its queries are
+    whose DiT has another width, depth, patch size, position embedding or RoPE base, or whose flow uses another time shift; its queries are
     the run's. `whitening`: the principal variances and directions of the run's standardised
     training tokens."""
     import dataclasses
@@ -101,7 +104,8 @@ def with_overrides(gen, args, whitening: tuple):
     dims = args.whiten_dims if args.whiten_dims is not None else gen.cfg.whiten_dims if norm == "whiten" else None
     flow = gen.cfg.flow | ({"time_shift": args.time_shift} if args.time_shift is not None else {})
     dit = gen.cfg.dit | {k: v for k, v in (("dim", args.dit_dim), ("depth", args.dit_depth),
-                                           ("patch_size", args.dit_patch), ("pos_embed", args.dit_pos_embed))
+                                           ("patch_size", args.dit_patch), ("pos_embed", args.dit_pos_embed),
+                                           ("rope_theta", args.dit_rope_theta))
                              if v is not None}
     power = args.whiten_power if args.whiten_power is not None else gen.cfg.whiten_power if norm == "whiten" else 0.5
     cfg = dataclasses.replace(gen.cfg, feature_norm=norm, whiten_dims=dims, whiten_power=power, flow=flow, dit=dit,

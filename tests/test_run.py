@@ -594,3 +594,77 @@ def test_stage_summaries_say_when_the_time_is_a_resumed_runs_part():
     table = report_markdown(report)
     assert "| clip | 0.5 |" in table
     assert "| generation | 3755.7 (resumed at step 1000: the time is from there on) |" in table
+
+
+def test_relation_loss_gap_prompts():
+    """scripts/relation_loss_gap.py's edits of a two-object scene: both word orders, the relation
+    flipped, the colours swapped between the shapes; nothing for scenes it cannot edit."""
+    import runpy
+    from pathlib import Path
+
+    from blip3o_mini.data.world import Obj, Scene
+
+    prompts = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "relation_loss_gap.py"))["relation_prompts"]
+    circle, square = Obj("circle", "red", (4, 20, 16, 32)), Obj("square", "blue", (40, 20, 52, 32))
+    assert prompts(Scene((circle, square))) == [
+        ("a photo of a red circle left of a blue square", "a photo of a red circle right of a blue square",
+         "a photo of a blue circle left of a red square"),
+        ("a photo of a blue square right of a red circle", "a photo of a blue square left of a red circle",
+         "a photo of a red square right of a blue circle")]
+    assert prompts(Scene((circle,))) == []
+    assert prompts(Scene((circle, Obj("square", "blue", (6, 40, 18, 52))))) [0][0] == \
+        "a photo of a red circle above a blue square"
+
+
+def test_relation_loss_gap_script(tiny_run, monkeypatch, capsys):
+    """scripts/relation_loss_gap.py on a finished run: each edit's loss at the same noise, equal to
+    the flow loss computed by hand for the row's own image; the null edit is the zero condition."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    import datasets
+
+    from blip3o_mini.data.dataset import scene_of
+    from blip3o_mini.features import load_split_features
+    from blip3o_mini.flow import interpolate, velocity_target
+    from blip3o_mini.generation_stage import load_generator
+    from blip3o_mini.understanding_stage import load_stage_backbone
+
+    _, out = tiny_run
+    script = Path(__file__).parents[1] / "scripts" / "relation_loss_gap.py"
+    ns = runpy.run_path(str(script))
+    val = datasets.load_from_disk(str(out / "data" / "shapesworld"))["val"]
+    rows = [(i, *p) for i, r in enumerate(val) for p in ns["relation_prompts"](scene_of(r))]
+    assert len({r[0] for r in rows}) >= 2
+    gen, backbone = load_generator(out / "generation"), load_stage_backbone(out / "understanding").freeze()
+    feats = load_split_features(out / "clip", "val")
+    with torch.no_grad():
+        losses, times = ns["edit_losses"](gen, backbone, rows, feats, 2, torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)
+        x1 = gen.normalize(feats[[r[0] for r in rows]].float())
+        x0, t = torch.randn(x1.shape, generator=g), torch.rand(len(rows), generator=g)
+        xt, vt = interpolate(x0, x1, t), velocity_target(x0, x1)
+        k = len(rows) - 1  # the last row: its own image, its flipped prompt, and the zero condition
+        q = gen.condition(backbone, [rows[k][2]])
+        assert torch.allclose(losses["relation flipped"][k, 0], (gen.dit(xt[k:], t[k:], q, None) - vt[k:]).pow(2).mean())
+        assert torch.allclose(losses["null"][k, 0],
+                              (gen.dit(xt[k:], t[k:], torch.zeros_like(q), None) - vt[k:]).pow(2).mean())
+    assert torch.equal(times[:, 0], t)
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--draws", "2"])
+    runpy.run_path(str(script), run_name="__main__")
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert results["all"]["draws"] == 2 * len([r for r in rows if not scene_of(val[r[0]]).unseen])
+    assert set(results["all"]["share"]) == {"relation flipped", "colours swapped", "other scene"}
+    # --ckpt scores a training checkpoint's weights: one whose DiT predicts v = 0 hears no prompt
+    state = {f"generator.{k}": v.clone() for k, v in gen.state_dict().items()}
+    for k in ("dit.final.linear.weight", "dit.final.linear.bias"):
+        state[f"generator.{k}"].zero_()
+    torch.save({"state_dict": state, "global_step": 7}, out.parent / "step7.ckpt")
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--draws", "1",
+                                      "--ckpt", str(out.parent / "step7.ckpt")])
+    runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "(step 7)" in printed
+    loss = json.loads(printed.strip().splitlines()[-1])["all"]["loss"]
+    assert loss["true"] == loss["relation flipped"] == loss["null"] > 0

@@ -1,0 +1,243 @@
+"""Does the trained DiT use the relation word? Its flow loss on real two-object images under the
+true prompt, the prompt with the relation flipped, and other edits, at the same noise.
+
+    python scripts/relation_loss_gap.py --run-dir runs/toy
+
+For every validation scene of exactly two objects that stand in a relation (seen compositions;
+both word orders, "A left of B" and "B right of A") the script computes the flow-matching loss
+of the DiT on the image's own CLIP features, at the same (noise, t) draws, under:
+
+- `true`: "a photo of a red circle left of a blue square", a training caption form;
+- `relation flipped`: "... right of ..." (the image is now described wrongly in one word);
+- `colours swapped`: "a photo of a blue circle left of a red square" (wrong attribution);
+- `other scene`: the true prompt of another two-object scene (wrong everything);
+- `null`: zeros, the classifier-free guidance null condition.
+
+Each edit's extra loss over `true` is given as a share of the null condition's: how much of
+what the prompt tells the DiT about this image the edit takes away. A DiT that draws the
+relation it is asked loses a clear share when the relation flips; one that ignores the word
+loses none. Rows by time bin (t = 0 is noise, where the layout is decided) and by axis
+(left / right pairs, whose list caption also orders them left to right, and above / below).
+
+At t = 0 the best possible loss is known: x_t is pure noise, so the best velocity is the mean
+image of the prompt minus the noise, and its loss the images' spread around that mean. A second
+table sets the DiT at t = 0 beside a linear model of that mean, least squares on the training
+images, in the objects alone or in their roles (first = left / upper): what a predictor that
+reads the relation would lose when it flips. `--ckpt` scores a checkpoint copied while the stage
+trained, to follow the shares over training steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+EDITS = ("true", "relation flipped", "colours swapped", "other scene", "null")
+T_BINS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
+
+
+def relation_prompts(scene) -> list[tuple[str, str, str]]:
+    """(true, relation flipped, colours swapped) prompts of a two-object scene in a relation,
+    in both word orders; [] for any other scene."""
+    from blip3o_mini.data.text import noun_phrase
+    from blip3o_mini.data.world import relation
+
+    if len(scene.objects) != 2 or relation(*scene.objects) is None:
+        return []
+    out = []
+    for a, b in (scene.objects, scene.objects[::-1]):
+        rel = relation(a, b)
+        pa, pb = noun_phrase(1, a.shape, a.color), noun_phrase(1, b.shape, b.color)
+        sa, sb = noun_phrase(1, a.shape, b.color), noun_phrase(1, b.shape, a.color)
+        out.append((f"a photo of {pa} {rel} {pb}", f"a photo of {pa} {FLIP[rel]} {pb}",
+                    f"a photo of {sa} {rel} {sb}"))
+    return out
+
+
+def edit_losses(gen, backbone, rows: list[tuple], feats, draws: int, generator, t_fixed: float | None = None):
+    """Flow loss (n, draws) of every prompt row (feature index, true, flipped, swapped) under each
+    edit, all edits at the same (noise, t) per row and draw (t uniform, or `t_fixed`); and those
+    times t (n, draws)."""
+    import torch
+
+    from blip3o_mini.flow import interpolate, velocity_target
+
+    n = len(rows)
+    if len({r[0] for r in rows}) < 2:
+        raise ValueError("needs two-object scenes in a relation from at least two images; "
+                         "use a run whose data stage has more validation scenes")
+    q = {name: gen.condition(backbone, [r[k] for r in rows], chunk_size=128)  # (n, Nq, K)
+         for k, name in ((1, "true"), (2, "relation flipped"), (3, "colours swapped"))}
+    shift = next(s for s in range(1, n) if all(rows[i][0] != rows[i - s][0] for i in range(n)))
+    q["other scene"], q["null"] = q["true"].roll(shift, 0), torch.zeros_like(q["true"])  # another image's prompt
+    x1 = gen.normalize(feats[[r[0] for r in rows]].float())  # (n, 64, L)
+    losses = {e: torch.zeros(n, draws) for e in EDITS}
+    times = torch.zeros(n, draws)
+    for d in range(draws):
+        x0 = torch.randn(x1.shape, generator=generator)  # (n, 64, L)
+        t = torch.rand(n, generator=generator) if t_fixed is None else torch.full((n,), float(t_fixed))  # (n,)
+        xt, vt = interpolate(x0, x1, t), velocity_target(x0, x1)  # (n, 64, L) each
+        times[:, d] = t
+        for e in EDITS:
+            for s in range(0, n, 256):
+                v = gen.dit(xt[s:s + 256], t[s:s + 256], q[e][s:s + 256], None)  # (b, 64, L)
+                losses[e][s:s + 256, d] = (v - vt[s:s + 256]).pow(2).mean(dim=(1, 2))
+    return losses, times
+
+
+def pair_keys(scene) -> dict[str, tuple]:
+    """(first object, second object, axis) of a two-object scene in a relation, the first being the
+    left / upper one as (colour, shape), under each edit of its prompt: as it is, the relation
+    flipped (the objects' places swapped), and the colours swapped between the two shapes."""
+    from blip3o_mini.data.world import relation
+
+    a, b = scene.objects
+    if relation(a, b) in ("right of", "below"):
+        a, b = b, a  # a is left of / above b
+    axis = "horizontal" if relation(a, b) == "left of" else "vertical"
+    ka, kb = (a.color, a.shape), (b.color, b.shape)
+    return {"true": (ka, kb, axis), "relation flipped": (kb, ka, axis),
+            "colours swapped": ((b.color, a.shape), (a.color, b.shape), axis)}
+
+
+def design(keys: list[tuple], placed: bool):
+    """Rows of a linear model of the mean image: an intercept and, for each (colour, shape), its
+    presence (`placed` False) or its role: first (left / upper) or second, on either axis. keys:
+    (first object, second object, axis) -> (len(keys), 1 + 18 or 1 + 72)."""
+    import torch
+
+    from blip3o_mini.data.world import COLORS, SHAPES
+
+    ids = {(c, s): i for i, (c, s) in enumerate((c, s) for c in COLORS for s in SHAPES)}
+    x = torch.zeros(len(keys), 1 + len(ids) * (4 if placed else 1))
+    x[:, 0] = 1
+    for r, (a, b, axis) in enumerate(keys):
+        for role, obj in enumerate((a, b)):
+            slot = (2 * (axis == "vertical") + role) if placed else 0
+            x[r, 1 + ids[obj] * (4 if placed else 1) + slot] = 1
+    return x
+
+
+def linear_predictor_losses(train_x1, train_keys: list[dict], val_x1, val_keys: list[dict]) -> dict[str, float]:
+    """At t = 0 the flow's best velocity is E[x_1 | prompt] - x_0, and its loss the spread of x_1
+    around that mean. Model the mean image (64 x L numbers) as linear in the objects' presence
+    ("objects only") or in their roles (first / second on the relation's axis), least squares on
+    the training images, and score it on the validation images under each edit of their prompt;
+    the null condition predicts the mean training image. Loss per element, averaged over images."""
+    import torch
+
+    y = train_x1.flatten(1)  # (M, 64 L)
+    out = {"null": (val_x1 - train_x1.mean(0)).pow(2).mean().item()}
+    for name, placed, edit in (("objects only", False, "true"), ("true", True, "true"),
+                               ("relation flipped", True, "relation flipped"),
+                               ("colours swapped", True, "colours swapped")):
+        x = design([k["true"] for k in train_keys], placed)  # (M, d)
+        ridge = 1e-3 * len(x) * torch.eye(x.shape[1])
+        w = torch.linalg.solve(x.T @ x + ridge, x.T @ y)  # (d, 64 L)
+        pred = design([k[edit] for k in val_keys], placed) @ w  # (V, 64 L)
+        out[name] = (val_x1.flatten(1) - pred).pow(2).mean().item()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run-dir", type=Path, required=True, help="a run with finished generation and clip stages")
+    p.add_argument("--draws", type=int, default=16, help="(noise, t) draws per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt", type=Path, help="a Lightning checkpoint of the run's generation stage "
+                   "(RUN_DIR/generation/lightning-*/last.ckpt, copied during training) to score instead "
+                   "of the finished stage's weights: the share over training steps")
+    args = p.parse_args()
+
+    import datasets
+    import torch
+
+    from blip3o_mini.data.dataset import scene_of
+    from blip3o_mini.data.world import relation
+    from blip3o_mini.describe import generation_configs
+    from blip3o_mini.features import load_split_features
+    from blip3o_mini.generation import Blip3oGenerator
+    from blip3o_mini.generation_stage import load_generator
+    from blip3o_mini.run import run_config, stage_attention_kernel
+    from blip3o_mini.understanding_stage import load_stage_backbone
+
+    run = args.run_dir.expanduser()
+    cfg = run_config(run)
+    backbone = load_stage_backbone(run / "understanding").freeze()
+    feats = load_split_features(run / "clip", "val")  # (V, 64, F)
+    if (run / "generation" / "stage.json").exists():
+        gen = load_generator(run / "generation").eval()
+    elif args.ckpt:  # a stage still training: the generator its config builds, weights from the checkpoint
+        gen = Blip3oGenerator(generation_configs(cfg)[0], feats.shape[-1], backbone.hidden_size).eval()
+    else:
+        raise SystemExit(f"{run / 'generation'} has not finished; pass --ckpt to score one of its checkpoints")
+    if args.ckpt:  # the LightningModule holds the generator as `generator.` (and the frozen backbone)
+        state = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+        gen.load_state_dict({k.removeprefix("generator."): v for k, v in state["state_dict"].items()
+                             if k.startswith("generator.")})
+        print(f"weights of {args.ckpt} (step {state['global_step']})")
+    val = datasets.load_from_disk(str(run / "data" / "shapesworld"))["val"]
+
+    rows, axis = [], []  # (feature index, true, flipped, swapped); "horizontal" / "vertical"
+    for i, row in enumerate(val):
+        scene = scene_of(row)
+        if scene.unseen:
+            continue
+        for prompts in relation_prompts(scene):
+            rows.append((i, *prompts))
+            axis.append("horizontal" if relation(*scene.objects) in ("left of", "right of") else "vertical")
+    n = len(rows)
+    print(f"{n} prompts from {n // 2} two-object validation scenes in a relation (seen compositions), "
+          f"{args.draws} (noise, t) draws each")
+
+    with stage_attention_kernel(cfg), torch.no_grad():
+        losses, times = edit_losses(gen, backbone, rows, feats, args.draws, torch.Generator().manual_seed(args.seed))
+    results = {}
+    horizontal = torch.tensor([a == "horizontal" for a in axis])[:, None].expand(n, args.draws)
+    groups = [("all", torch.ones(n, args.draws, dtype=torch.bool)), ("left / right", horizontal),
+              ("above / below", ~horizontal)]
+    groups += [(f"t in [{lo:.2f}, {hi:.2f})", (times >= lo) & (times < hi)) for lo, hi in T_BINS]
+    print("\nflow loss under each prompt (mean over prompts and draws); share = (loss - true) / (null - true)")
+    print(f"| rows | draws | {' | '.join(EDITS)} | " + " | ".join(f"share: {e}" for e in EDITS[1:4]) + " |")
+    print("|---" * (3 + len(EDITS) + 2) + "|")
+    for name, mask in groups:
+        mean = {e: losses[e][mask].mean().item() for e in EDITS}
+        gap = mean["null"] - mean["true"]
+        shares = [(mean[e] - mean["true"]) / gap if gap else float("nan") for e in EDITS[1:4]]
+        print(f"| {name} | {int(mask.sum())} | " + " | ".join(f"{mean[e]:.4f}" for e in EDITS) + " | "
+              + " | ".join(f"{s:.3f}" for s in shares) + " |")
+        results[name] = {"draws": int(mask.sum()), "loss": mean, "share": dict(zip(EDITS[1:4], shares))}
+
+    # At t = 0 (pure noise) the best loss under a prompt is known: the spread of x_1 around the mean
+    # image of that prompt. A linear model of that mean, fitted on training images, is a predictor
+    # the DiT could match there.
+    with stage_attention_kernel(cfg), torch.no_grad():
+        at0, _ = edit_losses(gen, backbone, rows, feats, 4, torch.Generator().manual_seed(args.seed), t_fixed=0.0)
+        train = datasets.load_from_disk(str(run / "data" / "shapesworld"))["train"]
+        train_scenes = [scene_of({"objects": r}) for r in train["objects"]]
+        keep = [i for i, sc in enumerate(train_scenes) if relation_prompts(sc)]
+        train_keys = [pair_keys(train_scenes[i]) for i in keep]
+        train_x1 = gen.normalize(load_split_features(run / "clip", "train")[keep].float())  # (M, 64, L)
+        scenes = sorted({r[0] for r in rows})
+        ideal = linear_predictor_losses(train_x1, train_keys, gen.normalize(feats[scenes].float()),
+                                      [pair_keys(scene_of(val[i])) for i in scenes])
+    dit = {e: at0[e].mean().item() for e in EDITS}
+    print(f"\nat t = 0: the DiT (4 noise draws a prompt) against the mean of the training images that share "
+          f"the prompt, modelled linearly ({len(keep)} two-object training images in a relation)")
+    print("| predictor at t = 0 | null | objects only | true | relation flipped | colours swapped | "
+          "share: relation flipped | share: colours swapped |")
+    print("|---" * 8 + "|")
+    for name, m in (("the DiT", dit), ("linear in the objects' roles", ideal)):
+        gap = m["null"] - m["true"]
+        shares = {e: (m[e] - m["true"]) / gap if gap else float("nan") for e in ("relation flipped", "colours swapped")}
+        print(f"| {name} | {m['null']:.4f} | {m['objects only'] if 'objects only' in m else float('nan'):.4f} | "
+              f"{m['true']:.4f} | {m['relation flipped']:.4f} | {m['colours swapped']:.4f} | "
+              f"{shares['relation flipped']:.3f} | {shares['colours swapped']:.3f} |")
+        results[f"t = 0, {name}"] = {"loss": m, "share": shares}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

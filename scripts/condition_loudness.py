@@ -20,21 +20,20 @@ import dataclasses
 import json
 from pathlib import Path
 
-FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-
 
 def edits(prompts: list[dict]) -> tuple[list[str], list[str], list[str]]:
     """(the position prompts, each with its relation flipped, each with its first colour changed)."""
+    from blip3o_mini.data.text import INVERSE
     from blip3o_mini.data.world import COLORS
 
     base, flipped, recoloured = [], [], []
     for m in prompts:
         text = m["prompt"]
-        rel = next(r for r in FLIP if f" {r} " in text)
+        rel = next(r for r in INVERSE if f" {r} " in text)
         first = next(e["color"] for e in m["include"] if "position" in e)  # the object the sentence starts with
         other = next(c for c in COLORS if c not in {e["color"] for e in m["include"]})
         base.append(text)
-        flipped.append(text.replace(f" {rel} ", f" {FLIP[rel]} "))
+        flipped.append(text.replace(f" {rel} ", f" {INVERSE[rel]} "))
         recoloured.append(text.replace(f" {first} ", f" {other} ", 1))
     return base, flipped, recoloured
 

@@ -33,7 +33,6 @@ import argparse
 import json
 from pathlib import Path
 
-FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 EDITS = ("true", "relation flipped", "colours swapped", "other scene", "null")
 T_BINS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
 
@@ -41,7 +40,7 @@ T_BINS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
 def relation_prompts(scene) -> list[tuple[str, str, str]]:
     """(true, relation flipped, colours swapped) prompts of a two-object scene in a relation,
     in both word orders; [] for any other scene."""
-    from blip3o_mini.data.text import noun_phrase
+    from blip3o_mini.data.text import INVERSE, noun_phrase
     from blip3o_mini.data.world import relation
 
     if len(scene.objects) != 2 or relation(*scene.objects) is None:
@@ -51,18 +50,15 @@ def relation_prompts(scene) -> list[tuple[str, str, str]]:
         rel = relation(a, b)
         pa, pb = noun_phrase(1, a.shape, a.color), noun_phrase(1, b.shape, b.color)
         sa, sb = noun_phrase(1, a.shape, b.color), noun_phrase(1, b.shape, a.color)
-        out.append((f"a photo of {pa} {rel} {pb}", f"a photo of {pa} {FLIP[rel]} {pb}",
+        out.append((f"a photo of {pa} {rel} {pb}", f"a photo of {pa} {INVERSE[rel]} {pb}",
                     f"a photo of {sa} {rel} {sb}"))
     return out
 
 
-def edit_losses(gen, backbone, rows: list[tuple], feats, draws: int, generator, t_fixed: float | None = None):
-    """Flow loss (n, draws) of every prompt row (feature index, true, flipped, swapped) under each
-    edit, all edits at the same (noise, t) per row and draw (t uniform, or `t_fixed`); and those
-    times t (n, draws)."""
+def edit_conditions(gen, backbone, rows: list[tuple]) -> dict:
+    """Q (n, Nq, K) of every prompt row (feature index, true, flipped, swapped) under each edit:
+    the backbone reads each prompt once, whatever times the losses are then drawn at."""
     import torch
-
-    from blip3o_mini.flow import interpolate, velocity_target
 
     n = len(rows)
     if len({r[0] for r in rows}) < 2:
@@ -72,6 +68,18 @@ def edit_losses(gen, backbone, rows: list[tuple], feats, draws: int, generator, 
          for k, name in ((1, "true"), (2, "relation flipped"), (3, "colours swapped"))}
     shift = next(s for s in range(1, n) if all(rows[i][0] != rows[i - s][0] for i in range(n)))
     q["other scene"], q["null"] = q["true"].roll(shift, 0), torch.zeros_like(q["true"])  # another image's prompt
+    return q
+
+
+def edit_losses(gen, q: dict, rows: list[tuple], feats, draws: int, generator, t_fixed: float | None = None):
+    """Flow loss (n, draws) of every prompt row under each edit's condition `q` (`edit_conditions`),
+    all edits at the same (noise, t) per row and draw (t uniform, or `t_fixed`); and those times t
+    (n, draws)."""
+    import torch
+
+    from blip3o_mini.flow import interpolate, velocity_target
+
+    n = len(rows)
     x1 = gen.normalize(feats[[r[0] for r in rows]].float())  # (n, 64, L)
     losses = {e: torch.zeros(n, draws) for e in EDITS}
     times = torch.zeros(n, draws)
@@ -129,16 +137,24 @@ def linear_predictor_losses(train_x1, train_keys: list[dict], val_x1, val_keys: 
     import torch
 
     y = train_x1.flatten(1)  # (M, 64 L)
+    weights = {}
+    for placed in (False, True):
+        x = design([k["true"] for k in train_keys], placed)  # (M, d)
+        ridge = 1e-3 * len(x) * torch.eye(x.shape[1])
+        weights[placed] = torch.linalg.solve(x.T @ x + ridge, x.T @ y)  # (d, 64 L)
     out = {"null": (val_x1 - train_x1.mean(0)).pow(2).mean().item()}
     for name, placed, edit in (("objects only", False, "true"), ("true", True, "true"),
                                ("relation flipped", True, "relation flipped"),
                                ("colours swapped", True, "colours swapped")):
-        x = design([k["true"] for k in train_keys], placed)  # (M, d)
-        ridge = 1e-3 * len(x) * torch.eye(x.shape[1])
-        w = torch.linalg.solve(x.T @ x + ridge, x.T @ y)  # (d, 64 L)
-        pred = design([k[edit] for k in val_keys], placed) @ w  # (V, 64 L)
+        pred = design([k[edit] for k in val_keys], placed) @ weights[placed]  # (V, 64 L)
         out[name] = (val_x1.flatten(1) - pred).pow(2).mean().item()
     return out
+
+
+def shares(mean: dict[str, float], edits) -> dict[str, float]:
+    """Each edit's extra loss over the true prompt, as a share of the null condition's."""
+    gap = mean["null"] - mean["true"]
+    return {e: (mean[e] - mean["true"]) / gap if gap else float("nan") for e in edits}
 
 
 def main() -> None:
@@ -155,7 +171,6 @@ def main() -> None:
     import torch
 
     from blip3o_mini.data.dataset import scene_of
-    from blip3o_mini.data.world import relation
     from blip3o_mini.describe import generation_configs
     from blip3o_mini.features import load_split_features
     from blip3o_mini.generation import Blip3oGenerator
@@ -178,22 +193,24 @@ def main() -> None:
         gen.load_state_dict({k.removeprefix("generator."): v for k, v in state["state_dict"].items()
                              if k.startswith("generator.")})
         print(f"weights of {args.ckpt} (step {state['global_step']})")
-    val = datasets.load_from_disk(str(run / "data" / "shapesworld"))["val"]
+    data = datasets.load_from_disk(str(run / "data" / "shapesworld"))
+    # the scene graphs alone: reading whole rows would decode every image
+    val_scenes = [scene_of({"objects": r}) for r in data["val"]["objects"]]
 
     rows, axis = [], []  # (feature index, true, flipped, swapped); "horizontal" / "vertical"
-    for i, row in enumerate(val):
-        scene = scene_of(row)
+    for i, scene in enumerate(val_scenes):
         if scene.unseen:
             continue
         for prompts in relation_prompts(scene):
             rows.append((i, *prompts))
-            axis.append("horizontal" if relation(*scene.objects) in ("left of", "right of") else "vertical")
+            axis.append(pair_keys(scene)["true"][2])
     n = len(rows)
     print(f"{n} prompts from {n // 2} two-object validation scenes in a relation (seen compositions), "
           f"{args.draws} (noise, t) draws each")
 
     with stage_attention_kernel(cfg), torch.no_grad():
-        losses, times = edit_losses(gen, backbone, rows, feats, args.draws, torch.Generator().manual_seed(args.seed))
+        q = edit_conditions(gen, backbone, rows)
+        losses, times = edit_losses(gen, q, rows, feats, args.draws, torch.Generator().manual_seed(args.seed))
     results = {}
     horizontal = torch.tensor([a == "horizontal" for a in axis])[:, None].expand(n, args.draws)
     groups = [("all", torch.ones(n, args.draws, dtype=torch.bool)), ("left / right", horizontal),
@@ -204,25 +221,23 @@ def main() -> None:
     print("|---" * (3 + len(EDITS) + 2) + "|")
     for name, mask in groups:
         mean = {e: losses[e][mask].mean().item() for e in EDITS}
-        gap = mean["null"] - mean["true"]
-        shares = [(mean[e] - mean["true"]) / gap if gap else float("nan") for e in EDITS[1:4]]
+        share = shares(mean, EDITS[1:4])
         print(f"| {name} | {int(mask.sum())} | " + " | ".join(f"{mean[e]:.4f}" for e in EDITS) + " | "
-              + " | ".join(f"{s:.3f}" for s in shares) + " |")
-        results[name] = {"draws": int(mask.sum()), "loss": mean, "share": dict(zip(EDITS[1:4], shares))}
+              + " | ".join(f"{v:.3f}" for v in share.values()) + " |")
+        results[name] = {"draws": int(mask.sum()), "loss": mean, "share": share}
 
     # At t = 0 (pure noise) the best loss under a prompt is known: the spread of x_1 around the mean
     # image of that prompt. A linear model of that mean, fitted on training images, is a predictor
     # the DiT could match there.
     with stage_attention_kernel(cfg), torch.no_grad():
-        at0, _ = edit_losses(gen, backbone, rows, feats, 4, torch.Generator().manual_seed(args.seed), t_fixed=0.0)
-        train = datasets.load_from_disk(str(run / "data" / "shapesworld"))["train"]
-        train_scenes = [scene_of({"objects": r}) for r in train["objects"]]
+        at0, _ = edit_losses(gen, q, rows, feats, 4, torch.Generator().manual_seed(args.seed), t_fixed=0.0)
+        train_scenes = [scene_of({"objects": r}) for r in data["train"]["objects"]]
         keep = [i for i, sc in enumerate(train_scenes) if relation_prompts(sc)]
         train_keys = [pair_keys(train_scenes[i]) for i in keep]
         train_x1 = gen.normalize(load_split_features(run / "clip", "train")[keep].float())  # (M, 64, L)
         scenes = sorted({r[0] for r in rows})
         ideal = linear_predictor_losses(train_x1, train_keys, gen.normalize(feats[scenes].float()),
-                                      [pair_keys(scene_of(val[i])) for i in scenes])
+                                      [pair_keys(val_scenes[i]) for i in scenes])
     dit = {e: at0[e].mean().item() for e in EDITS}
     print(f"\nat t = 0: the DiT (4 noise draws a prompt) against the mean of the training images that share "
           f"the prompt, modelled linearly ({len(keep)} two-object training images in a relation)")
@@ -230,12 +245,11 @@ def main() -> None:
           "share: relation flipped | share: colours swapped |")
     print("|---" * 8 + "|")
     for name, m in (("the DiT", dit), ("linear in the objects' roles", ideal)):
-        gap = m["null"] - m["true"]
-        shares = {e: (m[e] - m["true"]) / gap if gap else float("nan") for e in ("relation flipped", "colours swapped")}
+        share = shares(m, ("relation flipped", "colours swapped"))
         print(f"| {name} | {m['null']:.4f} | {m['objects only'] if 'objects only' in m else float('nan'):.4f} | "
               f"{m['true']:.4f} | {m['relation flipped']:.4f} | {m['colours swapped']:.4f} | "
-              f"{shares['relation flipped']:.3f} | {shares['colours swapped']:.3f} |")
-        results[f"t = 0, {name}"] = {"loss": m, "share": shares}
+              f"{share['relation flipped']:.3f} | {share['colours swapped']:.3f} |")
+        results[f"t = 0, {name}"] = {"loss": m, "share": share}
     print(json.dumps(results))
 
 

@@ -640,7 +640,8 @@ def test_relation_loss_gap_script(tiny_run, monkeypatch, capsys):
     gen, backbone = load_generator(out / "generation"), load_stage_backbone(out / "understanding").freeze()
     feats = load_split_features(out / "clip", "val")
     with torch.no_grad():
-        losses, times = ns["edit_losses"](gen, backbone, rows, feats, 2, torch.Generator().manual_seed(0))
+        q_edits = ns["edit_conditions"](gen, backbone, rows)
+        losses, times = ns["edit_losses"](gen, q_edits, rows, feats, 2, torch.Generator().manual_seed(0))
         g = torch.Generator().manual_seed(0)
         x1 = gen.normalize(feats[[r[0] for r in rows]].float())
         x0, t = torch.randn(x1.shape, generator=g), torch.rand(len(rows), generator=g)

@@ -193,10 +193,10 @@ def euler_sample(velocity: Callable[[Tensor, Tensor], Tensor], x_0: Tensor, num_
 
 
 # ---------------------------------------------------------------------------- the method
-def check_interval(interval) -> tuple[float, float]:
-    """A guidance interval [lo, hi] (a YAML list or a tuple) as a tuple, or a one-line error."""
+def check_interval(interval, name: str = "guidance_interval") -> tuple[float, float]:
+    """An interval of times [lo, hi] (a YAML list or a tuple) as a tuple, or a one-line error."""
     if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
-        raise ValueError(f"guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1 (times, 0 = noise), "
+        raise ValueError(f"{name} must be [lo, hi] with 0 <= lo <= hi <= 1 (times, 0 = noise), "
                          f"got {list(interval)}")
     return float(interval[0]), float(interval[1])
 
@@ -234,6 +234,12 @@ class FlowMatching:
     # for several noisy copies buys DiT samples cheaply (MAR's `diffusion_batch_mul`, 4 there).
     # BLIP3-o: 1.
     noise_repeats: int = 1
+    # Contrastive flow matching (Stoica et al. 2025, arXiv 2506.05350): rows given a negative
+    # x_1 (an image their condition does not describe, `loss(negatives=...)`) also push the
+    # prediction away from the negative's flow from the same noise, with this weight lambda, at
+    # training times inside `contrastive_times`. BLIP3-o: 0 (plain flow matching).
+    contrastive_weight: float = 0.0
+    contrastive_times: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self):
         if self.time_sampling not in TIME_SAMPLINGS:
@@ -247,17 +253,32 @@ class FlowMatching:
         if self.sde_noise < 0:
             raise ValueError(f"sde_noise must be >= 0 (0: the ODE sampler), got {self.sde_noise}")
         self.guidance_interval = check_interval(self.guidance_interval)
+        if not 0.0 <= self.contrastive_weight < 1.0:
+            raise ValueError(f"contrastive_weight must be in [0, 1) (0: plain flow matching; at 1 the loss has "
+                             f"no minimum), got {self.contrastive_weight}")
+        self.contrastive_times = check_interval(self.contrastive_times, "contrastive_times")
 
     def loss(self, model: VelocityModel, x_1: Tensor, cond: Tensor, cond_mask: Tensor | None = None,
              *, x_0: Tensor | None = None, t: Tensor | None = None,
-             generator: torch.Generator | None = None) -> FlowLoss:
+             generator: torch.Generator | None = None, negatives: Tensor | None = None,
+             has_negative: Tensor | None = None) -> FlowLoss:
         """One training loss. `x_0` and `t` may be given (tests, notebooks); else sampled.
         With `noise_repeats` r > 1 every row of `x_1` and `cond` is repeated r times first, so
-        given `x_0` / `t` are for B * r rows."""
+        given `x_0` / `t` are for B * r rows.
+
+        `negatives` (B, N, D), with `has_negative` (B,) bool marking the rows that have one: with
+        `contrastive_weight` lambda > 0, each such row whose condition was kept and whose t lies
+        in `contrastive_times` adds -lambda * |v_pred - (negative - x_0)|^2 to its squared error.
+        For one fixed negative per row this is (1 - lambda) times plain flow matching toward
+        x_1 + lambda / (1 - lambda) * (x_1 - negative), plus a constant: the target moves away
+        from the negative, by what tells the two apart (for a relation caption and the same
+        scene with the objects' places swapped, the layout alone)."""
         if self.noise_repeats > 1:
             r = self.noise_repeats
             x_1, cond = x_1.repeat_interleave(r, 0), cond.repeat_interleave(r, 0)  # (B*r, N, D), (B*r, Nq, C)
             cond_mask = None if cond_mask is None else cond_mask.repeat_interleave(r, 0)  # (B*r, Nq)
+            if negatives is not None:
+                negatives, has_negative = negatives.repeat_interleave(r, 0), has_negative.repeat_interleave(r, 0)
         B = x_1.shape[0]
         if x_0 is None:
             x_0 = torch.randn(x_1.shape, generator=generator, device=x_1.device, dtype=x_1.dtype)
@@ -269,6 +290,12 @@ class FlowMatching:
         v_target = velocity_target(x_0, x_1)  # (B, N, D)
         v_pred = model(x_t, t, cond, cond_mask)  # (B, N, D)
         loss = F.mse_loss(v_pred.float(), v_target.float())
+        if negatives is not None and self.contrastive_weight > 0:
+            lo, hi = self.contrastive_times
+            push = has_negative & ~dropped & (t >= lo) & (t <= hi)  # (B,): not the null condition
+            v_negative = velocity_target(x_0, negatives)  # (B, N, D)
+            away = (v_pred.float() - v_negative.float()).pow(2).flatten(1).mean(1)  # (B,)
+            loss = loss - self.contrastive_weight * (away * push).mean()
         return FlowLoss(loss, x_0, t, x_t, v_target, v_pred, dropped)
 
     def sample(self, model: VelocityModel, cond: Tensor, shape: tuple[int, ...],

@@ -59,6 +59,11 @@ def main() -> None:
                    help="override generation.dit.rope_theta (10000 as Lumina; on an 8x8 grid most of its "
                         "frequencies barely turn: a smaller base spreads them over the grid)")
     p.add_argument("--time-shift", type=float, default=None, help="override generation.flow.time_shift")
+    p.add_argument("--contrastive", type=float, default=0.0,
+                   help="contrastive flow matching's weight lambda (flow.FlowMatching.contrastive_weight): "
+                        "a relation caption's negative is its scene with the objects' places swapped")
+    p.add_argument("--contrastive-times", type=float, nargs=2, default=(0.0, 1.0),
+                   help="the training times t (0 = noise) at which the contrastive term applies")
     p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
                    help="muon: Muon for the DiT blocks' matrices, AdamW for the rest (training/muon.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT's training forward, as the stage does")
@@ -84,7 +89,8 @@ def main() -> None:
         fit_condition_norm(pipe, run, cfg)
     with stage_attention_kernel(cfg):  # the math SDPA kernel on CPU, as the stages run
         q, x, rows = cached_pairs(pipe, run, args.q_cache)
-        results = train_and_score(pipe, q, x, rows, args, cfg, directions)
+        negatives = relation_negatives(pipe.generator, run) if args.contrastive > 0 else None
+        results = train_and_score(pipe, q, x, rows, args, cfg, directions, negatives)
     if args.save:
         from blip3o_mini.artifacts import save_tensors
         save_tensors(args.save, pipe.generator.dit.state_dict())  # the last weights scored
@@ -176,6 +182,40 @@ def cached_pairs(pipe, run: Path, q_cache: Path | None):
     return q, x, rows
 
 
+def relation_negatives(gen, run: Path) -> dict:
+    """Contrastive flow matching's hard negatives: for every training image of two objects in a
+    relation, the CLIP features (standardised as the generator trains on them) of the same scene
+    with the objects' places swapped (`data.swap_places`), by the run's encoder. Returns the
+    features (M, 64, F), each image row's negative (N,) (-1: none) and, for every (caption
+    paraphrase, image) pair in `cached_pairs`' order, whether the caption states the relation (P,)."""
+    import datasets
+    import numpy as np
+
+    from blip3o_mini.data import relation, render, scene_of, swap_places
+    from blip3o_mini.data.text import INVERSE
+    from blip3o_mini.data.world import RELATIONS
+    from blip3o_mini.features import extract_features, load_encoder
+
+    train = datasets.load_from_disk(str(run / "data" / "shapesworld"))["train"]
+    scenes = [scene_of({"objects": r}) for r in train["objects"]]  # the graphs alone: no image decoding
+    index, images = torch.full((len(scenes),), -1), []
+    for r, scene in enumerate(scenes):
+        if len(scene.objects) == 2 and (rel := relation(*scene.objects)) is not None:
+            swapped = swap_places(scene)
+            if relation(*swapped.objects) == INVERSE[rel]:  # 0.6% do not flip once kept inside the canvas
+                index[r] = len(images)
+                images.append(np.asarray(render(swapped)))  # (64, 64, 3)
+    if not images:
+        raise SystemExit(f"--contrastive: {run / 'data'} has no two-object training scenes in a relation to swap")
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (M, 3, 64, 64)
+    features = gen.normalize(extract_features(load_encoder(run / "clip"), pixels))  # (M, 64, F)
+    stated = torch.tensor([index[r] >= 0 and any(w in text for w in RELATIONS)
+                           for r, options in enumerate(train["captions"]) for text in options])  # (P,)
+    print(f"negatives: {len(images)} two-object training scenes with their places swapped; "
+          f"{int(stated.sum())} of {len(stated)} captions state the relation", flush=True)
+    return dict(features=features, index=index, stated=stated)
+
+
 def condition_key(gen, backbone) -> str:
     """What Q depends on: the backbone's weights and the queries (the `--q-cache` file's key)."""
     from blip3o_mini.generation_stage import weights_hash
@@ -183,8 +223,9 @@ def condition_key(gen, backbone) -> str:
     return f"{weights_hash(backbone)}-{weights_hash(torch.nn.ParameterList([gen.queries]))}"
 
 
-def train_and_score(pipe, q, x, rows, args, cfg, directions: dict) -> dict:
-    """Train a fresh DiT with the toy stage's recipe; GenEval-mini summaries by weights and step."""
+def train_and_score(pipe, q, x, rows, args, cfg, directions: dict, negatives: dict | None = None) -> dict:
+    """Train a fresh DiT with the toy stage's recipe; GenEval-mini summaries by weights and step.
+    With `negatives` (`relation_negatives`), the flow adds `--contrastive`'s term."""
     from blip3o_mini.dit import NextDiT
     from blip3o_mini.flow import FlowMatching
     from blip3o_mini.config import build
@@ -195,7 +236,9 @@ def train_and_score(pipe, q, x, rows, args, cfg, directions: dict) -> dict:
     from blip3o_mini.training.schedule import cosine_with_warmup
 
     gen, results = pipe.generator, {}
-    flow = FlowMatching(**{**gen.cfg.flow, **({"time_sampling": args.time_sampling} if args.time_sampling else {})})
+    flow = FlowMatching(**{**gen.cfg.flow, **({"time_sampling": args.time_sampling} if args.time_sampling else {}),
+                           **({"contrastive_weight": args.contrastive, "contrastive_times": tuple(args.contrastive_times)}
+                              if negatives else {})})
     torch.manual_seed(args.seed)
     dit = NextDiT(gen.dit_cfg)
     with torch.no_grad():
@@ -215,8 +258,12 @@ def train_and_score(pipe, q, x, rows, args, cfg, directions: dict) -> dict:
     start = time.perf_counter()
     for step in range(args.steps):
         i = torch.randint(0, len(q), (args.batch_size,))
+        extra = {}
+        if negatives:
+            j = negatives["index"][rows[i]]  # (B,): -1 where the image has none
+            extra = dict(negatives=negatives["features"][j.clamp(min=0)], has_negative=negatives["stated"][i] & (j >= 0))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = flow.loss(forward, x[rows[i]], q[i].float()).loss
+            loss = flow.loss(forward, x[rows[i]], q[i].float(), **extra).loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)

@@ -24,7 +24,8 @@ image of the prompt minus the noise, and its loss the images' spread around that
 table sets the DiT at t = 0 beside a linear model of that mean, least squares on the training
 images, in the objects alone or in their roles (first = left / upper): what a predictor that
 reads the relation would lose when it flips. `--ckpt` scores a checkpoint copied while the stage
-trained, to follow the shares over training steps.
+trained, to follow the shares over training steps; `--dit` the weights of a DiT trained on the
+run's queries by `scripts/ablate_dit_geneval.py --save`.
 """
 
 from __future__ import annotations
@@ -73,26 +74,29 @@ def edit_conditions(gen, backbone, rows: list[tuple]) -> dict:
 
 def edit_losses(gen, q: dict, rows: list[tuple], feats, draws: int, generator, t_fixed: float | None = None):
     """Flow loss (n, draws) of every prompt row under each edit's condition `q` (`edit_conditions`),
-    all edits at the same (noise, t) per row and draw (t uniform, or `t_fixed`); and those times t
-    (n, draws)."""
+    all edits at the same (noise, t) per row and draw (t uniform, or `t_fixed`); those times t
+    (n, draws); and how far each edit moves the prediction from the true prompt's, mean squared
+    (n, draws): a measure that needs no target, so it reads alike for a DiT trained toward
+    another one (contrastive flow matching)."""
     import torch
 
     from blip3o_mini.flow import interpolate, velocity_target
 
     n = len(rows)
     x1 = gen.normalize(feats[[r[0] for r in rows]].float())  # (n, 64, L)
-    losses = {e: torch.zeros(n, draws) for e in EDITS}
+    losses, moves = {e: torch.zeros(n, draws) for e in EDITS}, {e: torch.zeros(n, draws) for e in EDITS}
     times = torch.zeros(n, draws)
     for d in range(draws):
         x0 = torch.randn(x1.shape, generator=generator)  # (n, 64, L)
         t = torch.rand(n, generator=generator) if t_fixed is None else torch.full((n,), float(t_fixed))  # (n,)
         xt, vt = interpolate(x0, x1, t), velocity_target(x0, x1)  # (n, 64, L) each
         times[:, d] = t
-        for e in EDITS:
-            for s in range(0, n, 256):
-                v = gen.dit(xt[s:s + 256], t[s:s + 256], q[e][s:s + 256], None)  # (b, 64, L)
-                losses[e][s:s + 256, d] = (v - vt[s:s + 256]).pow(2).mean(dim=(1, 2))
-    return losses, times
+        for s in range(0, n, 256):
+            v = {e: gen.dit(xt[s:s + 256], t[s:s + 256], q[e][s:s + 256], None) for e in EDITS}  # (b, 64, L) each
+            for e in EDITS:
+                losses[e][s:s + 256, d] = (v[e] - vt[s:s + 256]).pow(2).mean(dim=(1, 2))
+                moves[e][s:s + 256, d] = (v[e] - v["true"]).pow(2).mean(dim=(1, 2))
+    return losses, times, moves
 
 
 def pair_keys(scene) -> dict[str, tuple]:
@@ -165,6 +169,8 @@ def main() -> None:
     p.add_argument("--ckpt", type=Path, help="a Lightning checkpoint of the run's generation stage "
                    "(RUN_DIR/generation/lightning-*/last.ckpt, copied during training) to score instead "
                    "of the finished stage's weights: the share over training steps")
+    p.add_argument("--dit", type=Path, help="DiT weights (.safetensors) to score in the finished stage's generator "
+                   "(its queries and feature statistics): `scripts/ablate_dit_geneval.py --save`")
     args = p.parse_args()
 
     import datasets
@@ -193,6 +199,11 @@ def main() -> None:
         gen.load_state_dict({k.removeprefix("generator."): v for k, v in state["state_dict"].items()
                              if k.startswith("generator.")})
         print(f"weights of {args.ckpt} (step {state['global_step']})")
+    if args.dit:
+        from blip3o_mini.artifacts import load_tensors
+
+        gen.dit.load_state_dict(load_tensors(args.dit))
+        print(f"DiT weights of {args.dit}")
     data = datasets.load_from_disk(str(run / "data" / "shapesworld"))
     # the scene graphs alone: reading whole rows would decode every image
     val_scenes = [scene_of({"objects": r}) for r in data["val"]["objects"]]
@@ -210,7 +221,7 @@ def main() -> None:
 
     with stage_attention_kernel(cfg), torch.no_grad():
         q = edit_conditions(gen, backbone, rows)
-        losses, times = edit_losses(gen, q, rows, feats, args.draws, torch.Generator().manual_seed(args.seed))
+        losses, times, moves = edit_losses(gen, q, rows, feats, args.draws, torch.Generator().manual_seed(args.seed))
     results = {}
     horizontal = torch.tensor([a == "horizontal" for a in axis])[:, None].expand(n, args.draws)
     groups = [("all", torch.ones(n, args.draws, dtype=torch.bool)), ("left / right", horizontal),
@@ -225,12 +236,21 @@ def main() -> None:
         print(f"| {name} | {int(mask.sum())} | " + " | ".join(f"{mean[e]:.4f}" for e in EDITS) + " | "
               + " | ".join(f"{v:.3f}" for v in share.values()) + " |")
         results[name] = {"draws": int(mask.sum()), "loss": mean, "share": share}
+    print("\nhow far each edit moves the prediction from the true prompt's (mean squared), as a share of how far "
+          "the null condition moves it: no target needed")
+    print("| rows | " + " | ".join(f"moved: {e}" for e in EDITS[1:4]) + " |")
+    print("|---" * 4 + "|")
+    for name, mask in groups:
+        null = moves["null"][mask].mean().item()
+        moved = {e: moves[e][mask].mean().item() / null if null else float("nan") for e in EDITS[1:4]}
+        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in moved.values()) + " |")
+        results[name]["moved"] = moved
 
     # At t = 0 (pure noise) the best loss under a prompt is known: the spread of x_1 around the mean
     # image of that prompt. A linear model of that mean, fitted on training images, is a predictor
     # the DiT could match there.
     with stage_attention_kernel(cfg), torch.no_grad():
-        at0, _ = edit_losses(gen, q, rows, feats, 4, torch.Generator().manual_seed(args.seed), t_fixed=0.0)
+        at0, _, _ = edit_losses(gen, q, rows, feats, 4, torch.Generator().manual_seed(args.seed), t_fixed=0.0)
         train_scenes = [scene_of({"objects": r}) for r in data["train"]["objects"]]
         keep = [i for i, sc in enumerate(train_scenes) if relation_prompts(sc)]
         train_keys = [pair_keys(train_scenes[i]) for i in keep]

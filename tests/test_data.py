@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from blip3o_mini.data import (HELD_OUT, PALETTE, generate, make_sample, parse_caption, relation,
-                              render, scene_of, summarize)
-from blip3o_mini.data.text import NUMBERS, scene_counter
+                              render, scene_of, summarize, swap_places)
+from blip3o_mini.data.text import INVERSE, NUMBERS, scene_counter
 from blip3o_mini.data.world import MAX_SIZE, MIN_GAP, MIN_SIZE, Obj, Scene, shape_mask
 
 SAMPLES = [make_sample(0, "train", i) for i in range(300)]
@@ -97,6 +97,27 @@ def test_relation_captions_hold():
     assert "a photo of a blue square right of a red circle" in captions(scene)
     near = Scene((Obj("circle", "red", (2, 2, 16, 16)), Obj("square", "blue", (6, 20, 20, 34))))
     assert relation(*near.objects) == "above"  # x centres 4 px apart: below the margin
+
+
+def test_swap_places_flips_the_relation_and_nothing_else():
+    scene = Scene((Obj("circle", "red", (2, 20, 16, 34)), Obj("triangle", "blue", (40, 22, 60, 42))))
+    swapped = swap_places(scene)
+    # each object centred where the other was, its size kept: centres (50, 32) and (9, 27), the
+    # triangle's x0 = 9 - 10 moved inside the canvas to 0
+    assert swapped.objects == (Obj("circle", "red", (43, 25, 57, 39)), Obj("triangle", "blue", (0, 17, 20, 37)))
+    assert relation(*swapped.objects) == "right of"
+    pairs = [s for s in (scene_of(r) for r in SAMPLES + VAL) if len(s.objects) == 2 and relation(*s.objects)]
+    assert len(pairs) > 30
+    flipped = 0
+    for s in pairs:
+        w = swap_places(s)
+        assert [(o.shape, o.color, o.bbox[2] - o.bbox[0]) for o in w.objects] == \
+               [(o.shape, o.color, o.bbox[2] - o.bbox[0]) for o in s.objects]
+        assert all(0 <= v <= 64 for o in w.objects for v in o.bbox)  # inside the canvas
+        flipped += relation(*w.objects) == INVERSE[relation(*s.objects)]
+    assert flipped >= 0.95 * len(pairs)  # not all: a box kept inside the canvas can land under the margin
+    with pytest.raises(ValueError, match="two-object"):
+        swap_places(Scene(scene.objects[:1]))
 
 
 def answer_from_scene(scene, question):

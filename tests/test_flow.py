@@ -308,6 +308,52 @@ def test_noise_repeats_reuse_each_condition_for_several_noisy_copies():
         FlowMatching(noise_repeats=0)
 
 
+def test_contrastive_flow_matching_moves_the_target_away_from_the_negative():
+    """With one fixed negative per row, contrastive flow matching's loss is (1 - lambda) times
+    plain flow matching toward x_1 + lambda / (1 - lambda) (x_1 - negative), plus a constant: its
+    gradient vanishes there. Rows without a negative, with the null condition or outside
+    `contrastive_times` keep the plain loss."""
+    lam, B = 0.5, 6
+    x_1, negative, cond = rand(B, 16, 4, seed=30), rand(B, 16, 4, seed=31), rand(B, 3, 5, seed=32)
+    x_0, t = rand(B, 16, 4, seed=33), torch.tensor([0.1, 0.2, 0.3, 0.4, 0.7, 0.9])
+    has = torch.tensor([True, True, True, False, True, True])
+    fm = FlowMatching(cond_drop_prob=0.0, contrastive_weight=lam, contrastive_times=(0.0, 0.5))
+    moved = x_1 + lam / (1 - lam) * (x_1 - negative)  # (B, 16, 4)
+    v = torch.nn.Parameter(velocity_target(x_0, moved))  # the minimiser for rows 0-2
+
+    def model(x_t, t, cond, cond_mask):
+        return v
+
+    fm.loss(model, x_1, cond, x_0=x_0, t=t, negatives=negative, has_negative=has).loss.backward()
+    assert v.grad[:3].abs().max() < 1e-6  # pushed rows: at their minimum
+    assert v.grad[3:].abs().min(dim=-1).values.max() > 0  # no negative (3), t outside [0, 0.5] (4, 5)
+    plain = FlowMatching(cond_drop_prob=0.0)
+    w = torch.nn.Parameter(velocity_target(x_0, moved))
+    plain.loss(lambda *_: w, x_1, cond, x_0=x_0, t=t).loss.backward()
+    assert torch.allclose(v.grad[3:], w.grad[3:])  # those rows: the plain gradient
+    # no negatives given, or weight 0: plain flow matching exactly
+    off = FlowMatching(cond_drop_prob=0.0, contrastive_weight=0.0)
+    for f, extra in ((fm, {}), (off, dict(negatives=negative, has_negative=has))):
+        out = f.loss(lambda *_: 0.5 * x_0, x_1, cond, x_0=x_0, t=t, **extra)
+        assert torch.equal(out.loss, plain.loss(lambda *_: 0.5 * x_0, x_1, cond, x_0=x_0, t=t).loss)
+    # the null condition is not pushed: every row dropped gives the plain loss
+    dropped = FlowMatching(cond_drop_prob=1.0, contrastive_weight=lam)
+    out = dropped.loss(lambda *_: 0.5 * x_0, x_1, cond, x_0=x_0, t=t, negatives=negative, has_negative=has)
+    assert torch.equal(out.loss, plain.loss(lambda *_: 0.5 * x_0, x_1, cond, x_0=x_0, t=t).loss)
+    # noise repeats repeat the negatives with their rows
+    rep = FlowMatching(cond_drop_prob=0.0, noise_repeats=2, contrastive_weight=lam)
+    x_0r, t_r = rand(2 * B, 16, 4, seed=34), t.repeat_interleave(2)
+    ref = FlowMatching(cond_drop_prob=0.0, contrastive_weight=lam).loss(
+        lambda *_: 0.5 * x_0r, x_1.repeat_interleave(2, 0), cond.repeat_interleave(2, 0), x_0=x_0r, t=t_r,
+        negatives=negative.repeat_interleave(2, 0), has_negative=has.repeat_interleave(2))
+    out = rep.loss(lambda *_: 0.5 * x_0r, x_1, cond, x_0=x_0r, t=t_r, negatives=negative, has_negative=has)
+    assert torch.allclose(out.loss, ref.loss)
+    with pytest.raises(ValueError, match="contrastive_weight"):
+        FlowMatching(contrastive_weight=1.0)
+    with pytest.raises(ValueError, match="contrastive_times"):
+        FlowMatching(contrastive_times=(0.6, 0.2))
+
+
 def test_flow_matching_passes_null_condition_to_model_and_samples():
     fm = FlowMatching(cond_drop_prob=0.5, num_steps=4, guidance_scale=2.0)
     seen = {}

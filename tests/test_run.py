@@ -135,13 +135,15 @@ def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, 
     cache, saved = tmp_path / "q.safetensors", tmp_path / "dit.safetensors"
     # second pass: Q read back, another feature scale (8 whitened coordinates), depth, time shift and optimizer
     for extra in ([], ["--feature-norm", "whiten", "--whiten-dims", "8", "--whiten-power", "0.25", "--time-shift", "2",
-                       "--dit-depth", "2", "--optimizer", "muon", "--save", str(saved), "--images", str(tmp_path / "kept")]):
+                       "--dit-depth", "2", "--optimizer", "muon", "--save", str(saved), "--images", str(tmp_path / "kept"),
+                       "--contrastive", "0.5", "--contrastive-times", "0", "0.5"]):
         monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--steps", "2", "--score-at", "1",
                                           "--decays", "0.9", "--batch-size", "4", "--cross-gate-init", "0.5",
                                           "--q-cache", str(cache)] + extra)
         runpy.run_path(str(script), run_name="__main__")
         printed = capsys.readouterr().out.strip().splitlines()
         assert any(("read from the cache" if extra else "computed") in line for line in printed)
+        assert any(line.startswith("negatives: ") for line in printed) == bool(extra)  # --contrastive's
         scores = json.loads(printed[-1])
         assert sorted(scores) == ["ema 0.9 @ 1", "ema 0.9 @ 2", "raw @ 1", "raw @ 2"]
         assert all(0.0 <= v <= 1.0 for v in scores.values())
@@ -641,7 +643,7 @@ def test_relation_loss_gap_script(tiny_run, monkeypatch, capsys):
     feats = load_split_features(out / "clip", "val")
     with torch.no_grad():
         q_edits = ns["edit_conditions"](gen, backbone, rows)
-        losses, times = ns["edit_losses"](gen, q_edits, rows, feats, 2, torch.Generator().manual_seed(0))
+        losses, times, moves = ns["edit_losses"](gen, q_edits, rows, feats, 2, torch.Generator().manual_seed(0))
         g = torch.Generator().manual_seed(0)
         x1 = gen.normalize(feats[[r[0] for r in rows]].float())
         x0, t = torch.randn(x1.shape, generator=g), torch.rand(len(rows), generator=g)
@@ -651,12 +653,16 @@ def test_relation_loss_gap_script(tiny_run, monkeypatch, capsys):
         assert torch.allclose(losses["relation flipped"][k, 0], (gen.dit(xt[k:], t[k:], q, None) - vt[k:]).pow(2).mean())
         assert torch.allclose(losses["null"][k, 0],
                               (gen.dit(xt[k:], t[k:], torch.zeros_like(q), None) - vt[k:]).pow(2).mean())
+        v_true = gen.dit(xt[k:], t[k:], gen.condition(backbone, [rows[k][1]]), None)
+        assert torch.allclose(moves["relation flipped"][k, 0], (gen.dit(xt[k:], t[k:], q, None) - v_true).pow(2).mean())
+        assert moves["true"].abs().max() == 0
     assert torch.equal(times[:, 0], t)
     monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--draws", "2"])
     runpy.run_path(str(script), run_name="__main__")
     results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert results["all"]["draws"] == 2 * len([r for r in rows if not scene_of(val[r[0]]).unseen])
-    assert set(results["all"]["share"]) == {"relation flipped", "colours swapped", "other scene"}
+    assert set(results["all"]["share"]) == set(results["all"]["moved"]) == {"relation flipped", "colours swapped",
+                                                                            "other scene"}
     # --ckpt scores a training checkpoint's weights: one whose DiT predicts v = 0 hears no prompt
     state = {f"generator.{k}": v.clone() for k, v in gen.state_dict().items()}
     for k in ("dit.final.linear.weight", "dit.final.linear.bias"):
@@ -669,3 +675,12 @@ def test_relation_loss_gap_script(tiny_run, monkeypatch, capsys):
     assert "(step 7)" in printed
     loss = json.loads(printed.strip().splitlines()[-1])["all"]["loss"]
     assert loss["true"] == loss["relation flipped"] == loss["null"] > 0
+    # --dit scores DiT weights saved alone (ablate_dit_geneval.py --save): the same zeroed head
+    from blip3o_mini.artifacts import save_tensors
+
+    save_tensors(out.parent / "dit.safetensors", {k.removeprefix("generator.dit."): v for k, v in state.items()
+                                                  if k.startswith("generator.dit.")})
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--draws", "1",
+                                      "--dit", str(out.parent / "dit.safetensors")])
+    runpy.run_path(str(script), run_name="__main__")
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["all"]["loss"] == loss

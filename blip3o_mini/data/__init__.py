@@ -3,4 +3,4 @@
 from .dataset import generate, generate_split, make_sample, scene_of, summarize
 from .text import QUESTION_TYPES, captions, parse_caption, questions
 from .world import (COLORS, HELD_OUT, IMAGE_SIZE, PALETTE, SHAPES, Obj, Scene, relation, render,
-                    sample_scene)
+                    sample_scene, swap_places)

@@ -86,6 +86,25 @@ def relation(a: Obj, b: Obj) -> str | None:
     return None
 
 
+def swap_places(scene: Scene) -> Scene:
+    """A two-object scene with the objects' places exchanged: each keeps its shape, colour and
+    size and is centred where the other was (kept inside the canvas), so the scene's relation
+    flips ("A left of B" -> "A right of B") and nothing else changes. The image of the relation
+    flipped: contrastive flow matching's hard negative for a relation caption (`flow.FlowMatching`)."""
+    if len(scene.objects) != 2:
+        raise ValueError(f"swap_places needs a two-object scene, got {len(scene.objects)} objects")
+
+    def centred(o: Obj, at: Obj) -> Obj:
+        s = o.bbox[2] - o.bbox[0]
+        (cx, cy) = at.center
+        x0 = min(max(round(cx - s / 2), 0), IMAGE_SIZE - s)
+        y0 = min(max(round(cy - s / 2), 0), IMAGE_SIZE - s)
+        return Obj(o.shape, o.color, (x0, y0, x0 + s, y0 + s))
+
+    a, b = scene.objects
+    return Scene((centred(a, b), centred(b, a)))
+
+
 def _boxes_clear(a: tuple[int, ...], b: tuple[int, ...], gap: int = MIN_GAP) -> bool:
     return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
 

@@ -84,6 +84,9 @@ class GeneratorConfig:
             raise ValueError(f"unknown cond_norm {self.cond_norm!r}; choose one of {COND_NORMS}")
         if not 0 < self.cond_floor <= 1:
             raise ValueError(f"cond_floor={self.cond_floor} must lie in (0, 1]")
+        if self.flow.get("contrastive_weight", 0.0):  # the stage's batches carry no negatives
+            raise ValueError("generation.flow.contrastive_weight needs negatives, which the generation stage does "
+                             "not build; remove it (scripts/ablate_dit_geneval.py --contrastive trains with them)")
 
 
 class Blip3oGenerator(nn.Module):

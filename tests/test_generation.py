@@ -192,6 +192,13 @@ def test_whiten_power_sets_each_directions_variance():
             GeneratorConfig(**bad)
 
 
+def test_generation_stage_refuses_a_contrastive_weight_it_has_no_negatives_for():
+    # the stage's batches carry no negatives: the weight would be silently ignored
+    with pytest.raises(ValueError, match="contrastive_weight needs negatives"):
+        GeneratorConfig(flow={"contrastive_weight": 0.5})
+    assert GeneratorConfig(flow={"contrastive_weight": 0.0}).flow == {"contrastive_weight": 0.0}
+
+
 def test_whiten_dims_keeps_the_largest_directions():
     """With `whiten_dims` L the DiT generates L numbers per token; decoding them gives the token's
     projection onto its L largest principal directions, at the encoder's full width."""

@@ -189,9 +189,9 @@ def relation_negatives(gen, run: Path) -> dict:
     features (M, 64, F), each image row's negative (N,) (-1: none) and, for every (caption
     paraphrase, image) pair in `cached_pairs`' order, whether the caption states the relation (P,)."""
     import datasets
-    import numpy as np
 
     from blip3o_mini.data import relation, render, scene_of, swap_places
+    from blip3o_mini.data.tensors import images_uint8
     from blip3o_mini.data.text import INVERSE
     from blip3o_mini.data.world import RELATIONS
     from blip3o_mini.features import extract_features, load_encoder
@@ -204,10 +204,10 @@ def relation_negatives(gen, run: Path) -> dict:
             swapped = swap_places(scene)
             if relation(*swapped.objects) == INVERSE[rel]:  # 0.6% do not flip once kept inside the canvas
                 index[r] = len(images)
-                images.append(np.asarray(render(swapped)))  # (64, 64, 3)
+                images.append(render(swapped))
     if not images:
         raise SystemExit(f"--contrastive: {run / 'data'} has no two-object training scenes in a relation to swap")
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (M, 3, 64, 64)
+    pixels = images_uint8({"image": images})  # (M, 3, 64, 64), as the CLIP stage reads its split
     features = gen.normalize(extract_features(load_encoder(run / "clip"), pixels))  # (M, 64, F)
     stated = torch.tensor([index[r] >= 0 and any(w in text for w in RELATIONS)
                            for r, options in enumerate(train["captions"]) for text in options])  # (P,)

@@ -64,6 +64,9 @@ def main() -> None:
                         "a relation caption's negative is its scene with the objects' places swapped")
     p.add_argument("--contrastive-times", type=float, nargs=2, default=(0.0, 1.0),
                    help="the training times t (0 = noise) at which the contrastive term applies")
+    p.add_argument("--captions", choices=["all", "relation"], default="all",
+                   help="relation: train on the captions that state a two-object scene's relation alone "
+                        "(does the DiT learn the relation when it is not diluted?)")
     p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
                    help="muon: Muon for the DiT blocks' matrices, AdamW for the rest (training/muon.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT's training forward, as the stage does")
@@ -89,6 +92,10 @@ def main() -> None:
         fit_condition_norm(pipe, run, cfg)
     with stage_attention_kernel(cfg):  # the math SDPA kernel on CPU, as the stages run
         q, x, rows = cached_pairs(pipe, run, args.q_cache)
+        if args.captions == "relation":
+            keep = relation_captions(run)  # (P,)
+            q, rows = q[keep], rows[keep]
+            print(f"training on the {len(rows)} captions that state a relation", flush=True)
         negatives = relation_negatives(pipe.generator, run) if args.contrastive > 0 else None
         results = train_and_score(pipe, q, x, rows, args, cfg, directions, negatives)
     if args.save:
@@ -163,7 +170,7 @@ def cached_pairs(pipe, run: Path, q_cache: Path | None):
 
     gen, backbone = pipe.generator, pipe.backbone
     captions = datasets.load_from_disk(str(run / "data" / "shapesworld"))["train"]["captions"]
-    rows = torch.tensor([r for r, options in enumerate(captions) for _ in options])  # (P,)
+    rows = rows_of(captions)  # (P,)
     texts = [t for options in captions for t in options]
     t0 = time.perf_counter()
     key = condition_key(gen, backbone)
@@ -193,7 +200,6 @@ def relation_negatives(gen, run: Path) -> dict:
     from blip3o_mini.data import relation, render, scene_of, swap_places
     from blip3o_mini.data.tensors import images_uint8
     from blip3o_mini.data.text import INVERSE
-    from blip3o_mini.data.world import RELATIONS
     from blip3o_mini.features import extract_features, load_encoder
 
     train = datasets.load_from_disk(str(run / "data" / "shapesworld"))["train"]
@@ -209,11 +215,30 @@ def relation_negatives(gen, run: Path) -> dict:
         raise SystemExit(f"--contrastive: {run / 'data'} has no two-object training scenes in a relation to swap")
     pixels = images_uint8({"image": images})  # (M, 3, 64, 64), as the CLIP stage reads its split
     features = gen.normalize(extract_features(load_encoder(run / "clip"), pixels))  # (M, 64, F)
-    stated = torch.tensor([index[r] >= 0 and any(w in text for w in RELATIONS)
-                           for r, options in enumerate(train["captions"]) for text in options])  # (P,)
+    stated = relation_captions(run) & (index[rows_of(train["captions"])] >= 0)  # (P,)
     print(f"negatives: {len(images)} two-object training scenes with their places swapped; "
           f"{int(stated.sum())} of {len(stated)} captions state the relation", flush=True)
     return dict(features=features, index=index, stated=stated)
+
+
+def rows_of(captions: list[list[str]]) -> torch.Tensor:
+    """Each (caption paraphrase, image) pair's image row, in `cached_pairs`' order: (P,)."""
+    return torch.tensor([r for r, options in enumerate(captions) for _ in options])
+
+
+def relation_captions(run: Path) -> torch.Tensor:
+    """For every (caption paraphrase, image) pair in `cached_pairs`' order, whether its image holds
+    two objects in a relation and the caption states it: (P,) bool."""
+    import datasets
+
+    from blip3o_mini.data import relation, scene_of
+    from blip3o_mini.data.world import RELATIONS
+
+    train = datasets.load_from_disk(str(run / "data" / "shapesworld"))["train"]
+    related = [len(sc.objects) == 2 and relation(*sc.objects) is not None
+               for sc in (scene_of({"objects": r}) for r in train["objects"])]
+    return torch.tensor([related[r] and any(w in text for w in RELATIONS)
+                         for r, options in enumerate(train["captions"]) for text in options])
 
 
 def condition_key(gen, backbone) -> str:

@@ -136,7 +136,7 @@ def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, 
     # second pass: Q read back, another feature scale (8 whitened coordinates), depth, time shift and optimizer
     for extra in ([], ["--feature-norm", "whiten", "--whiten-dims", "8", "--whiten-power", "0.25", "--time-shift", "2",
                        "--dit-depth", "2", "--optimizer", "muon", "--save", str(saved), "--images", str(tmp_path / "kept"),
-                       "--contrastive", "0.5", "--contrastive-times", "0", "0.5"]):
+                       "--contrastive", "0.5", "--contrastive-times", "0", "0.5", "--captions", "relation"]):
         monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--steps", "2", "--score-at", "1",
                                           "--decays", "0.9", "--batch-size", "4", "--cross-gate-init", "0.5",
                                           "--q-cache", str(cache)] + extra)
@@ -144,6 +144,7 @@ def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, 
         printed = capsys.readouterr().out.strip().splitlines()
         assert any(("read from the cache" if extra else "computed") in line for line in printed)
         assert any(line.startswith("negatives: ") for line in printed) == bool(extra)  # --contrastive's
+        assert any(line.startswith("training on the ") for line in printed) == bool(extra)  # --captions relation
         scores = json.loads(printed[-1])
         assert sorted(scores) == ["ema 0.9 @ 1", "ema 0.9 @ 2", "raw @ 1", "raw @ 2"]
         assert all(0.0 <= v <= 1.0 for v in scores.values())
@@ -155,6 +156,19 @@ def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, 
     monkeypatch.setattr(sys, "argv", sys.argv + ["--cond-norm", "standardize"])  # Q scaled another way
     runpy.run_path(str(script), run_name="__main__")
     assert "read from the cache" in capsys.readouterr().out  # it holds Q before cond_norm, so serves any
+    # --captions relation keeps exactly the captions that state the relation of a two-object scene
+    import datasets
+
+    from blip3o_mini.data import relation, scene_of
+
+    train = datasets.load_from_disk(str(out / "data" / "shapesworld"))["train"]
+    kept = runpy.run_path(str(script))["relation_captions"](out).tolist()
+    pairs = [(scene_of(r), text) for r in train for text in r["captions"]]
+    assert len(kept) == len(pairs) and 0 < sum(kept) < len(kept)
+    for keep, (scene, text) in zip(kept, pairs):
+        states = len(scene.objects) == 2 and relation(*scene.objects) is not None and any(
+            w in text for w in ("left of", "right of", "above", "below"))
+        assert keep == states, text
     weights = load_tensors(saved)
     assert weights["x_embed.weight"].shape[1] == 8 and "blocks.1.qkv.weight" in weights  # 8 coordinates, 2 blocks
 
@@ -684,3 +698,63 @@ def test_relation_loss_gap_script(tiny_run, monkeypatch, capsys):
                                       "--dit", str(out.parent / "dit.safetensors")])
     runpy.run_path(str(script), run_name="__main__")
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["all"]["loss"] == loss
+
+
+def test_noise_end_layout_estimators():
+    """scripts/noise_end_layout.py's figures: the split-half estimate of a mean map's layout is not
+    inflated by the draws' scatter (where one draw's spread is), mirroring follows the pair's axis,
+    and a predictor that draws the relation has the mirror image of its map under the flipped prompt."""
+    import runpy
+    from pathlib import Path
+
+    ns = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "noise_end_layout.py"))
+    grid = torch.arange(4.0).view(1, 1, 4, 1).repeat(2, 1, 1, 1)  # [[0, 1], [2, 3]] twice: (2, 1, 4, 1)
+    m = ns["mirror"](grid, torch.tensor([True, False]))
+    assert m[0, 0, :, 0].tolist() == [1, 0, 3, 2] and m[1, 0, :, 0].tolist() == [2, 3, 0, 1]
+    # a fixed map (spread 1.25 over the grid) under noise of variance 4: one draw spreads
+    # 1.25 + 4 * 3/4 (the noise centred over 4 places), the mean of the draws 1.25
+    g = torch.Generator().manual_seed(0)
+    mean_map = torch.arange(4.0).view(1, 1, 4, 1).expand(50, 400, 4, 1)
+    draws = mean_map + 2 * torch.randn(50, 400, 4, 1, generator=g)  # (n, draws, N, L)
+    assert ns["grid_spread"](draws).mean().item() == pytest.approx(4.25, rel=0.05)
+    assert ns["split_half_product"](draws).mean().item() == pytest.approx(1.25, abs=0.05)
+    # a deterministic predictor: a map on the left under the true prompt, its mirror under the flip
+    left = torch.tensor([2.0, 0.0, 2.0, 0.0]).view(1, 1, 4, 1)  # (1, 1, N, L)
+    fig = ns["layout_figures"](left, ns["mirror"](left, torch.tensor([True])), torch.tensor([True]))
+    assert fig["layout of the mean"] == 1.0 and fig["mirror-asymmetric"] == 1.0 and fig["relation in the mean"] == 4.0
+    same = ns["layout_figures"](left, left, torch.tensor([True]))
+    assert same["relation in the mean"] == 0.0 and same["mirror-asymmetric"] == 1.0
+
+
+def test_noise_end_layout_script(tiny_run, monkeypatch, capsys):
+    """scripts/noise_end_layout.py on a finished run, and on DiT weights that predict v = 0: their
+    guess from pure noise is the noise itself, with no layout in its mean and no relation."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from blip3o_mini.artifacts import save_tensors
+    from blip3o_mini.generation_stage import load_generator
+
+    _, out = tiny_run
+    script = Path(__file__).parents[1] / "scripts" / "noise_end_layout.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--draws", "4"])
+    runpy.run_path(str(script), run_name="__main__")
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert results["figures"]["the DiT"]["layout of one draw"] > 0
+    assert results["figures"]["mean image, linear in the objects alone"]["relation in the mean"] == 0
+    state = {k: v.clone() for k, v in load_generator(out / "generation").dit.state_dict().items()}
+    for k in ("final.linear.weight", "final.linear.bias"):
+        state[k].zero_()
+    save_tensors(out.parent / "dit-v0.safetensors", state)
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--draws", "64",
+                                      "--dit", str(out.parent / "dit-v0.safetensors")])
+    runpy.run_path(str(script), run_name="__main__")
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    dit = results["figures"]["the DiT"]
+    assert dit["relation in the mean"] == 0 and results["along"] == 0
+    assert dit["layout of one draw"] == pytest.approx(1.0, rel=0.1)  # unit noise, spread over the grid
+    assert abs(dit["layout of the mean"]) < 0.05  # the noises' mean has no layout
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--draws", "1"])
+    with pytest.raises(SystemExit, match="at least 2"):
+        runpy.run_path(str(script), run_name="__main__")

@@ -1,0 +1,187 @@
+"""Can the DiT put an object in one half of the image from pure noise? Its guess of the clean
+tokens at t = 0, averaged over noise, against the mean image of the prompt's training scenes.
+
+    python scripts/noise_end_layout.py --run-dir runs/toy [--dit DIT.safetensors]
+
+At t = 0 the flow's input is pure noise x_0, and the best prediction of the clean tokens,
+x_0 + v, is the mean image of the prompt: E[x_1 | prompt]. For "a red circle left of a blue
+square" that mean holds the circle's features in the left half and the square's in the right.
+A DiT whose tokens know their places only through RoPE's relative positions is close to
+translation-equivariant: shift the noise and its output shifts with it. Averaged over noise, such
+a DiT's guess is the same at every place of the grid, so it cannot express that mean, however
+much the loss pays for it; each single draw still puts objects somewhere, where the noise says.
+
+For the two-object validation scenes in a relation (seen compositions, both word orders; the
+prompts of `relation_loss_gap.py`) the script draws `--draws` noises per prompt at t = 0 and
+measures, in the DiT's normalised feature space, per element:
+
+- `layout of one draw`: how far one draw's guess varies across the 64 places (its spread
+  around its own mean over the grid): does the DiT place anything from a given noise?
+- `layout of the mean`: the same for the guess averaged over the draws, estimated without the
+  draws' own scatter (the inner product of two halves' means, each centred over the grid);
+- `relation in the mean`: the squared difference between the averaged guesses under the true
+  prompt and under the relation flipped, estimated the same way.
+
+Beside them the same two figures for the mean image as a linear model of the training images
+models it (`relation_loss_gap.linear_predictor_losses`' fit: least squares in the objects' roles),
+which is what the best predictor at t = 0 looks like. The DiT's layout of the mean, as a share of
+the model's, says how much of the prompt's mean layout it expresses; if it is near zero while
+one draw's layout is large, the reading holds: the layout comes from the noise, not the prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from relation_loss_gap import design, pair_keys, relation_prompts  # noqa: E402
+
+
+def grid_spread(x: torch.Tensor) -> torch.Tensor:
+    """Per-element variance across the grid: (..., N, L) -> (...,), each map centred over N."""
+    return (x - x.mean(dim=-2, keepdim=True)).pow(2).mean(dim=(-2, -1))
+
+
+def split_half_product(a: torch.Tensor, centre: bool = True) -> torch.Tensor:
+    """An estimate of |E a|^2 per element (E over the draws; each map centred over the grid, or
+    not) that the draws' own scatter does not inflate: the inner product of the means of two
+    disjoint halves of the draws. a: (n, draws, N, L) -> (n,)."""
+    h = a.shape[1] // 2
+    ma, mb = a[:, :h].mean(1), a[:, h:2 * h].mean(1)  # (n, N, L) each
+    if centre:
+        ma, mb = ma - ma.mean(dim=-2, keepdim=True), mb - mb.mean(dim=-2, keepdim=True)
+    return (ma * mb).mean(dim=(-2, -1))
+
+
+def noise_end_guesses(gen, q: torch.Tensor, draws: int, generator) -> torch.Tensor:
+    """The DiT's guess of the clean tokens from pure noise, x_0 + v(x_0, t = 0, Q), for each
+    prompt's condition q (n, Nq, K) and `draws` noises: (n, draws, N, L). The noise of draw d is
+    the same for every prompt, so two conditions' guesses differ by the condition alone."""
+    n, N, L = q.shape[0], gen.dit.cfg.grid ** 2, gen.dit.cfg.in_dim
+    out = torch.zeros(n, draws, N, L)
+    for d in range(draws):
+        x0 = torch.randn(1, N, L, generator=generator).expand(n, N, L)  # (n, N, L)
+        t = torch.zeros(n)
+        for s in range(0, n, 256):
+            out[s:s + 256, d] = x0[s:s + 256] + gen.dit(x0[s:s + 256], t[s:s + 256], q[s:s + 256], None)
+    return out
+
+
+def layout_figures(true: torch.Tensor, flipped: torch.Tensor, horizontal: torch.Tensor) -> dict[str, float]:
+    """The figures of the module's docstring for guesses under the true and the flipped prompt,
+    (n, draws, N, L) each (one draw for a deterministic predictor), averaged over prompts;
+    horizontal (n,) bool: the pair's axis."""
+    both, axis = torch.cat([true, flipped]), torch.cat([horizontal, horizontal])  # (2n, draws, N, L), (2n,)
+    estimate = split_half_product if true.shape[1] > 1 else (
+        lambda x, centre=True: grid_spread(x[:, 0]) if centre else x[:, 0].pow(2).mean(dim=(-2, -1)))
+    return {"layout of one draw": grid_spread(both).mean().item() if true.shape[1] > 1 else float("nan"),
+            "layout of the mean": estimate(both).mean().item(),
+            "mirror-asymmetric": estimate((both - mirror(both, axis)) / 2, centre=False).mean().item(),
+            "relation in the mean": estimate(true - flipped, centre=False).mean().item()}
+
+
+def linear_means(train_x1: torch.Tensor, train_keys: list[dict], val_keys: list[dict]) -> dict[str, torch.Tensor]:
+    """The mean image of each validation prompt as the linear models of `relation_loss_gap` predict
+    it: in the objects' roles under the true and the flipped relation, and in the objects alone
+    (the same for both): (V, N, L) each."""
+    out = {}
+    for placed, edits in ((True, ("true", "relation flipped")), (False, ("objects only",))):
+        x = design([k["true"] for k in train_keys], placed)  # (M, d)
+        w = torch.linalg.solve(x.T @ x + 1e-3 * len(x) * torch.eye(x.shape[1]), x.T @ train_x1.flatten(1))  # (d, N L)
+        for e in edits:
+            keys = [k["true" if e == "objects only" else e] for k in val_keys]
+            out[e] = (design(keys, placed) @ w).view(-1, *train_x1.shape[1:])
+    return out
+
+
+def mirror(x: torch.Tensor, horizontal: torch.Tensor) -> torch.Tensor:
+    """Each map mirrored along its pair's axis: columns reversed for left / right pairs, rows for
+    above / below. x (n, ..., N, L) on a square grid in raster order, horizontal (n,) bool."""
+    side = int(round(x.shape[-2] ** 0.5))
+    g = x.unflatten(-2, (side, side))  # (n, ..., G, G, L)
+    out = torch.where(horizontal.view(-1, *[1] * (g.ndim - 1)), g.flip(-2), g.flip(-3))
+    return out.flatten(-3, -2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run-dir", type=Path, required=True, help="a run with finished generation and clip stages")
+    p.add_argument("--dit", type=Path, help="DiT weights (.safetensors) to score in the finished stage's generator: "
+                   "`scripts/ablate_dit_geneval.py --save`")
+    p.add_argument("--draws", type=int, default=32, help="noises per prompt (split in halves for the means)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.draws < 2:
+        raise SystemExit(f"--draws {args.draws}: needs at least 2 (the means are estimated from two halves)")
+
+    import datasets
+
+    from blip3o_mini.data.dataset import scene_of
+    from blip3o_mini.features import load_split_features
+    from blip3o_mini.generation_stage import load_generator
+    from blip3o_mini.run import run_config, stage_attention_kernel
+    from blip3o_mini.understanding_stage import load_stage_backbone
+
+    run = args.run_dir.expanduser()
+    cfg = run_config(run)
+    gen = load_generator(run / "generation").eval()
+    if args.dit:
+        from blip3o_mini.artifacts import load_tensors
+
+        gen.dit.load_state_dict(load_tensors(args.dit))
+        print(f"DiT weights of {args.dit}")
+    backbone = load_stage_backbone(run / "understanding").freeze()
+    data = datasets.load_from_disk(str(run / "data" / "shapesworld"))
+    val_scenes = [scene_of({"objects": r}) for r in data["val"]["objects"]]
+    rows = [(i, *pr) for i, sc in enumerate(val_scenes) if not sc.unseen for pr in relation_prompts(sc)]
+    print(f"{len(rows)} prompts from {len(rows) // 2} two-object validation scenes in a relation, "
+          f"{args.draws} noises each at t = 0")
+
+    horizontal = torch.tensor([pair_keys(val_scenes[r[0]])["true"][2] == "horizontal" for r in rows])  # (n,)
+    with stage_attention_kernel(cfg), torch.no_grad():
+        q_true = gen.condition(backbone, [r[1] for r in rows], chunk_size=128)  # (n, Nq, K)
+        q_flip = gen.condition(backbone, [r[2] for r in rows], chunk_size=128)
+        guesses = {name: noise_end_guesses(gen, q, args.draws, torch.Generator().manual_seed(args.seed))
+                   for name, q in (("true", q_true), ("flipped", q_flip), ("null", torch.zeros_like(q_true[:1])))}
+    train_scenes = [scene_of({"objects": r}) for r in data["train"]["objects"]]
+    keep = [i for i, sc in enumerate(train_scenes) if relation_prompts(sc)]
+    train_x1 = gen.normalize(load_split_features(run / "clip", "train")[keep].float())  # (M, N, L)
+    # each row's mean image is its scene's: the word order does not change what is where
+    lin = linear_means(train_x1, [pair_keys(train_scenes[i]) for i in keep],
+                       [pair_keys(val_scenes[r[0]]) for r in rows])
+    figures = {
+        "the DiT": layout_figures(guesses["true"], guesses["flipped"], horizontal),
+        "mean image, linear in the objects' roles": layout_figures(
+            lin["true"][:, None], lin["relation flipped"][:, None], horizontal),
+        "mean image, linear in the objects alone": layout_figures(
+            lin["objects only"][:, None], lin["objects only"][:, None], horizontal),
+        "the DiT, null condition": layout_figures(guesses["null"], guesses["null"], horizontal[:1]),
+    }
+    # how far along the linear model's relation the DiT's moves: a regression coefficient, 1 if it
+    # draws the model's relation, 0 if it ignores it, < 0 if it draws the opposite
+    d_model = lin["true"] - lin["relation flipped"]  # (n, N, L)
+    d_dit = (guesses["true"] - guesses["flipped"]).mean(1)  # (n, N, L)
+    along = ((d_dit * d_model).sum() / d_model.pow(2).sum()).item()
+    real = grid_spread(train_x1).mean().item()
+
+    print("\nper element, in the DiT's normalised feature space (a training image's own layout: "
+          f"{real:.4f})")
+    cols = ("layout of one draw", "layout of the mean", "mirror-asymmetric", "relation in the mean")
+    print("| predictor at t = 0 | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for name, m in figures.items():
+        print(f"| {name} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + " |")
+    roles = figures["mean image, linear in the objects' roles"]
+    shares = {c: figures["the DiT"][c] / roles[c] for c in cols[1:]}
+    print("\nthe DiT against the mean image linear in the roles: " + ", ".join(f"{c} {v:.3f}" for c, v in shares.items())
+          + f"; its relation lies {along:.3f} of the way along the model's")
+    print(json.dumps({"figures": figures, "share": shares, "along": along, "real image layout": real}))
+
+
+if __name__ == "__main__":
+    main()

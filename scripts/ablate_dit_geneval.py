@@ -64,9 +64,10 @@ def main() -> None:
                         "a relation caption's negative is its scene with the objects' places swapped")
     p.add_argument("--contrastive-times", type=float, nargs=2, default=(0.0, 1.0),
                    help="the training times t (0 = noise) at which the contrastive term applies")
-    p.add_argument("--captions", choices=["all", "relation"], default="all",
-                   help="relation: train on the captions that state a two-object scene's relation alone "
-                        "(does the DiT learn the relation when it is not diluted?)")
+    p.add_argument("--relation-share", type=float, default=None,
+                   help="draw this share of each batch from the captions that state a two-object scene's "
+                        "relation, the rest from the others (unset: all captions alike, 26%% of them "
+                        "relations; 1: relations alone): does the DiT learn the relation undiluted?")
     p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
                    help="muon: Muon for the DiT blocks' matrices, AdamW for the rest (training/muon.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT's training forward, as the stage does")
@@ -92,12 +93,16 @@ def main() -> None:
         fit_condition_norm(pipe, run, cfg)
     with stage_attention_kernel(cfg):  # the math SDPA kernel on CPU, as the stages run
         q, x, rows = cached_pairs(pipe, run, args.q_cache)
-        if args.captions == "relation":
-            keep = relation_captions(run)  # (P,)
-            q, rows = q[keep], rows[keep]
-            print(f"training on the {len(rows)} captions that state a relation", flush=True)
+        pools = None
+        if args.relation_share is not None:
+            if not 0 <= args.relation_share <= 1:
+                raise SystemExit(f"--relation-share {args.relation_share}: a share of the batch, in [0, 1]")
+            stated = relation_captions(run)  # (P,)
+            pools = stated.nonzero()[:, 0], (~stated).nonzero()[:, 0], round(args.relation_share * args.batch_size)
+            print(f"batches of {pools[2]} of the {len(pools[0])} captions that state a relation and "
+                  f"{args.batch_size - pools[2]} of the other {len(pools[1])}", flush=True)
         negatives = relation_negatives(pipe.generator, run) if args.contrastive > 0 else None
-        results = train_and_score(pipe, q, x, rows, args, cfg, directions, negatives)
+        results = train_and_score(pipe, q, x, rows, args, cfg, directions, negatives, pools)
     if args.save:
         from blip3o_mini.artifacts import save_tensors
         save_tensors(args.save, pipe.generator.dit.state_dict())  # the last weights scored
@@ -248,9 +253,11 @@ def condition_key(gen, backbone) -> str:
     return f"{weights_hash(backbone)}-{weights_hash(torch.nn.ParameterList([gen.queries]))}"
 
 
-def train_and_score(pipe, q, x, rows, args, cfg, directions: dict, negatives: dict | None = None) -> dict:
+def train_and_score(pipe, q, x, rows, args, cfg, directions: dict, negatives: dict | None = None,
+                    pools: tuple | None = None) -> dict:
     """Train a fresh DiT with the toy stage's recipe; GenEval-mini summaries by weights and step.
-    With `negatives` (`relation_negatives`), the flow adds `--contrastive`'s term."""
+    With `negatives` (`relation_negatives`), the flow adds `--contrastive`'s term; with `pools`
+    (relation captions, the others, how many of a batch from the first), `--relation-share`'s batches."""
     from blip3o_mini.dit import NextDiT
     from blip3o_mini.flow import FlowMatching
     from blip3o_mini.config import build
@@ -282,7 +289,7 @@ def train_and_score(pipe, q, x, rows, args, cfg, directions: dict, negatives: di
     bf16 = stage_trainer_config(cfg, recipe).precision == "bf16-mixed"
     start = time.perf_counter()
     for step in range(args.steps):
-        i = torch.randint(0, len(q), (args.batch_size,))
+        i = draw_batch(len(q), args.batch_size, pools)  # (B,) caption pairs
         extra = {}
         if negatives:
             j = negatives["index"][rows[i]]  # (B,): -1 where the image has none
@@ -303,6 +310,15 @@ def train_and_score(pipe, q, x, rows, args, cfg, directions: dict, negatives: di
                 keep = args.images / f"{name}_{step + 1}".replace(" ", "") if args.images else None
                 results[f"{name} @ {step + 1}"] = score(pipe, weights, f"{name} @ {step + 1}", cfg, directions, keep)
     return results
+
+
+def draw_batch(n: int, batch_size: int, pools: tuple | None) -> torch.Tensor:
+    """A batch of caption pairs (B,), drawn uniformly with replacement from all n, or k from the
+    first pool and the rest from the second (`--relation-share`)."""
+    if pools is None:
+        return torch.randint(0, n, (batch_size,))
+    first, second, k = pools
+    return torch.cat([first[torch.randint(0, len(first), (k,))], second[torch.randint(0, len(second), (batch_size - k,))]])
 
 
 def score(pipe, dit, name: str, cfg: dict, directions: dict, keep: Path | None = None) -> dict:

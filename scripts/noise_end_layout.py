@@ -19,14 +19,21 @@ measures, in the DiT's normalised feature space, per element:
   around its own mean over the grid): does the DiT place anything from a given noise?
 - `layout of the mean`: the same for the guess averaged over the draws, estimated without the
   draws' own scatter (the inner product of two halves' means, each centred over the grid);
+- `mirror-asymmetric`: the part of the averaged guess that changes sign when the map is
+  mirrored along the pair's axis (columns for left / right pairs, rows for above / below);
 - `relation in the mean`: the squared difference between the averaged guesses under the true
   prompt and under the relation flipped, estimated the same way.
 
-Beside them the same two figures for the mean image as a linear model of the training images
-models it (`relation_loss_gap.linear_predictor_losses`' fit: least squares in the objects' roles),
-which is what the best predictor at t = 0 looks like. The DiT's layout of the mean, as a share of
-the model's, says how much of the prompt's mean layout it expresses; if it is near zero while
-one draw's layout is large, the reading holds: the layout comes from the noise, not the prompt.
+Beside them the same figures for the mean image as the linear models of `relation_loss_gap.py`
+model it (least squares in the objects' roles, which knows the relation, and in the objects
+alone, which does not), each fitted on the even and on the odd training images so that the
+products of the two fits are not inflated by fitting noise. The DiT's layout of the mean, as a
+share of the models', says how much of the prompt's mean layout it expresses; if it were near
+zero while one draw's layout is large, the reading would hold: the layout would come from the
+noise, not the prompt. Two regression coefficients follow: how far the DiT's change when the
+relation flips goes along the roles model's (1: the model's relation, 0: none), and how far the
+two word orders of one scene ("A left of B", "B right of A") differ as if the DiT drew the
+first-named object first, as the training list captions name objects left to right.
 """
 
 from __future__ import annotations
@@ -88,15 +95,27 @@ def layout_figures(true: torch.Tensor, flipped: torch.Tensor, horizontal: torch.
 def linear_means(train_x1: torch.Tensor, train_keys: list[dict], val_keys: list[dict]) -> dict[str, torch.Tensor]:
     """The mean image of each validation prompt as the linear models of `relation_loss_gap` predict
     it: in the objects' roles under the true and the flipped relation, and in the objects alone
-    (the same for both): (V, N, L) each."""
+    (the same for both). Each model is fitted twice, on the even and on the odd training images,
+    so that its fitting noise, independent between the halves, cancels in the split-half
+    products as the DiT's noise draws do: (V, 2, N, L) each."""
     out = {}
     for placed, edits in ((True, ("true", "relation flipped")), (False, ("objects only",))):
-        x = design([k["true"] for k in train_keys], placed)  # (M, d)
-        w = torch.linalg.solve(x.T @ x + 1e-3 * len(x) * torch.eye(x.shape[1]), x.T @ train_x1.flatten(1))  # (d, N L)
+        fits = []
+        for half in (0, 1):
+            x = design([k["true"] for k in train_keys[half::2]], placed)  # (M/2, d)
+            y = train_x1[half::2].flatten(1)  # (M/2, N L)
+            fits.append(torch.linalg.solve(x.T @ x + 1e-3 * len(x) * torch.eye(x.shape[1]), x.T @ y))  # (d, N L)
         for e in edits:
-            keys = [k["true" if e == "objects only" else e] for k in val_keys]
-            out[e] = (design(keys, placed) @ w).view(-1, *train_x1.shape[1:])
+            x = design([k["true" if e == "objects only" else e] for k in val_keys], placed)  # (V, d)
+            out[e] = torch.stack([(x @ w).view(-1, *train_x1.shape[1:]) for w in fits], dim=1)  # (V, 2, N, L)
     return out
+
+
+def along(d: torch.Tensor, d_model: torch.Tensor) -> float:
+    """How far the DiT's change d (n, N, L) lies along the model's d_model (n, 2, N, L), two fits:
+    a regression coefficient whose denominator, the product of the two fits, the fitting noise
+    does not inflate. 1: the model's change, 0: none, < 0: the opposite."""
+    return ((d * d_model.mean(1)).sum() / (d_model[:, 0] * d_model[:, 1]).sum()).item()
 
 
 def mirror(x: torch.Tensor, horizontal: torch.Tensor) -> torch.Tensor:
@@ -106,6 +125,26 @@ def mirror(x: torch.Tensor, horizontal: torch.Tensor) -> torch.Tensor:
     g = x.unflatten(-2, (side, side))  # (n, ..., G, G, L)
     out = torch.where(horizontal.view(-1, *[1] * (g.ndim - 1)), g.flip(-2), g.flip(-3))
     return out.flatten(-3, -2)
+
+
+def word_order(mean_true: torch.Tensor, d_model: torch.Tensor, prompts: list[str], horizontal: torch.Tensor) -> dict:
+    """Does the DiT draw the first-named object first (left, or upper), whatever the relation
+    word says? The training list captions name objects left to right, so word order is a
+    shortcut. Rows 2k and 2k + 1 are one scene in its two word orders ("A left of B", "B right of
+    A"): a DiT that reads the relation draws them alike, one that follows the word order draws the
+    second as the first's mirror, whose difference is the linear model's flip (`d_model`, (n, 2, N,
+    L), two fits), signed. A regression coefficient on that difference: 1 for pure word order, 0 for none, per
+    axis. mean_true (n, N, L): the DiT's guesses averaged over noises (the same noises in every row)."""
+    first_first = torch.tensor([("left of" in t or "above" in t) for t in prompts[::2]], dtype=torch.float32)
+    sign = (2 * first_first - 1)[:, None, None, None]  # (n/2, 1, 1, 1): +1 when the first-named object is left / upper
+    e = mean_true[0::2] - mean_true[1::2]  # (n/2, N, L)
+    target = sign * d_model[0::2]  # (n/2, 2, N, L): what pure word order would make of e
+    out = {}
+    for name, keep in (("all", torch.ones_like(horizontal[0::2])), ("left / right", horizontal[0::2]),
+                       ("above / below", ~horizontal[0::2])):
+        if keep.any():
+            out[name] = along(e[keep], target[keep])
+    return out
 
 
 def main() -> None:
@@ -156,17 +195,17 @@ def main() -> None:
                        [pair_keys(val_scenes[r[0]]) for r in rows])
     figures = {
         "the DiT": layout_figures(guesses["true"], guesses["flipped"], horizontal),
-        "mean image, linear in the objects' roles": layout_figures(
-            lin["true"][:, None], lin["relation flipped"][:, None], horizontal),
-        "mean image, linear in the objects alone": layout_figures(
-            lin["objects only"][:, None], lin["objects only"][:, None], horizontal),
+        # the two fits stand for two halves of draws; one fit's layout holds its fitting noise
+        "mean image, linear in the objects' roles": {**layout_figures(
+            lin["true"], lin["relation flipped"], horizontal), "layout of one draw": float("nan")},
+        "mean image, linear in the objects alone": {**layout_figures(
+            lin["objects only"], lin["objects only"], horizontal), "layout of one draw": float("nan")},
         "the DiT, null condition": layout_figures(guesses["null"], guesses["null"], horizontal[:1]),
     }
-    # how far along the linear model's relation the DiT's moves: a regression coefficient, 1 if it
-    # draws the model's relation, 0 if it ignores it, < 0 if it draws the opposite
-    d_model = lin["true"] - lin["relation flipped"]  # (n, N, L)
-    d_dit = (guesses["true"] - guesses["flipped"]).mean(1)  # (n, N, L)
-    along = ((d_dit * d_model).sum() / d_model.pow(2).sum()).item()
+    d_model = lin["true"] - lin["relation flipped"]  # (n, 2, N, L)
+    relation_along = along((guesses["true"] - guesses["flipped"]).mean(1), d_model)
+    assert all(rows[k][0] == rows[k + 1][0] for k in range(0, len(rows), 2))  # one scene's two word orders
+    order = word_order(guesses["true"].mean(1), d_model, [r[1] for r in rows], horizontal)
     real = grid_spread(train_x1).mean().item()
 
     print("\nper element, in the DiT's normalised feature space (a training image's own layout: "
@@ -179,8 +218,11 @@ def main() -> None:
     roles = figures["mean image, linear in the objects' roles"]
     shares = {c: figures["the DiT"][c] / roles[c] for c in cols[1:]}
     print("\nthe DiT against the mean image linear in the roles: " + ", ".join(f"{c} {v:.3f}" for c, v in shares.items())
-          + f"; its relation lies {along:.3f} of the way along the model's")
-    print(json.dumps({"figures": figures, "share": shares, "along": along, "real image layout": real}))
+          + f"; its relation lies {relation_along:.3f} of the way along the model's")
+    print("the DiT's guesses for the two word orders of one scene differ as if it drew the first-named object "
+          "first (left or upper) " + ", ".join(f"{v:.3f} of the way ({k})" for k, v in order.items()))
+    print(json.dumps({"figures": figures, "share": shares, "along": relation_along, "word order": order,
+                      "real image layout": real}))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ the objects are there, in the right colours, with the wrong outlines (docs/statu
 For position prompts ("a photo of a red circle left of a blue square") it also asks whether the
 relation is drawn, whatever the shapes: in the images holding both named colours, how often the
 largest object of the first colour stands in the asked relation to the largest of the second
-(GenEval's rule), and how often in the opposite one. A generator that ignores the relation
-draws both about equally often.
+(GenEval's rule), and how often in the opposite one, also by the relation word. A generator
+that ignores the relation draws both about equally often; one that follows the word order of
+the training list captions (left to right) draws the asked relation for "left of" and the
+opposite for "right of".
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ def shape_given_colour(images: list[tuple[dict, dict]]) -> tuple[dict[str, Count
 
 def relation_given_colours(images: list[tuple[dict, dict]]) -> Counter:
     """Position prompts: images with both named colours drawn, and how many of them draw the
-    asked relation or its opposite between the largest object of each colour."""
+    asked relation or its opposite between the largest object of each colour, in all and by
+    the relation word ((word, count) keys); and how many draw the first-named object first
+    (left, or upper) whatever the word says."""
     from blip3o_mini.data.text import INVERSE
     from blip3o_mini.evaluation.prompts import relative_position
 
@@ -81,9 +85,14 @@ def relation_given_colours(images: list[tuple[dict, dict]]) -> Counter:
             continue
         rels = relative_position(largest[anchored["color"]]["bbox"], largest[reference["color"]]["bbox"])
         rel = anchored["position"][0]
-        counts["both colours"] += 1
-        counts["asked"] += rel in rels
-        counts["opposite"] += INVERSE[rel] in rels
+        for key in ("both colours", (rel, "both colours")):
+            counts[key] += 1
+        for key in ("asked", (rel, "asked")):
+            counts[key] += rel in rels
+        for key in ("opposite", (rel, "opposite")):
+            counts[key] += INVERSE[rel] in rels
+        # word order: the training list captions name objects left to right
+        counts["named first, drawn first"] += ("left of" if rel in ("left of", "right of") else "above") in rels
     return counts
 
 
@@ -112,6 +121,11 @@ def main() -> None:
             n = rel["both colours"]
             print(f"  position prompts with both colours drawn: {n}; the asked relation between them "
                   f"{rel['asked'] / n:.2f}, the opposite {rel['opposite'] / n:.2f}")
+            words = [w for w in ("left of", "right of", "above", "below") if rel[(w, "both colours")]]
+            print("  by the relation word: " + "; ".join(
+                f"{w} ({rel[(w, 'both colours')]}) asked {rel[(w, 'asked')] / rel[(w, 'both colours')]:.2f}, "
+                f"opposite {rel[(w, 'opposite')] / rel[(w, 'both colours')]:.2f}" for w in words))
+            print(f"  the first-named object drawn first (left, or upper): {rel['named first, drawn first'] / n:.2f}")
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, 
     # second pass: Q read back, another feature scale (8 whitened coordinates), depth, time shift and optimizer
     for extra in ([], ["--feature-norm", "whiten", "--whiten-dims", "8", "--whiten-power", "0.25", "--time-shift", "2",
                        "--dit-depth", "2", "--optimizer", "muon", "--save", str(saved), "--images", str(tmp_path / "kept"),
-                       "--contrastive", "0.5", "--contrastive-times", "0", "0.5", "--captions", "relation"]):
+                       "--contrastive", "0.5", "--contrastive-times", "0", "0.5", "--relation-share", "0.5"]):
         monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--steps", "2", "--score-at", "1",
                                           "--decays", "0.9", "--batch-size", "4", "--cross-gate-init", "0.5",
                                           "--q-cache", str(cache)] + extra)
@@ -144,7 +144,7 @@ def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, 
         printed = capsys.readouterr().out.strip().splitlines()
         assert any(("read from the cache" if extra else "computed") in line for line in printed)
         assert any(line.startswith("negatives: ") for line in printed) == bool(extra)  # --contrastive's
-        assert any(line.startswith("training on the ") for line in printed) == bool(extra)  # --captions relation
+        assert any(line.startswith("batches of 2 of the ") for line in printed) == bool(extra)  # --relation-share
         scores = json.loads(printed[-1])
         assert sorted(scores) == ["ema 0.9 @ 1", "ema 0.9 @ 2", "raw @ 1", "raw @ 2"]
         assert all(0.0 <= v <= 1.0 for v in scores.values())
@@ -156,13 +156,19 @@ def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, 
     monkeypatch.setattr(sys, "argv", sys.argv + ["--cond-norm", "standardize"])  # Q scaled another way
     runpy.run_path(str(script), run_name="__main__")
     assert "read from the cache" in capsys.readouterr().out  # it holds Q before cond_norm, so serves any
-    # --captions relation keeps exactly the captions that state the relation of a two-object scene
+    # --relation-share draws its share of a batch from exactly the captions that state the relation
+    # of a two-object scene, the rest from the others
     import datasets
 
     from blip3o_mini.data import relation, scene_of
 
+    ns = runpy.run_path(str(script))
     train = datasets.load_from_disk(str(out / "data" / "shapesworld"))["train"]
-    kept = runpy.run_path(str(script))["relation_captions"](out).tolist()
+    kept = ns["relation_captions"](out).tolist()
+    first, second = torch.tensor([0, 1]), torch.tensor([5, 6, 7])
+    batch = ns["draw_batch"](8, 8, (first, second, 3))
+    assert batch[:3].lt(2).all() and batch[3:].ge(5).all() and ns["draw_batch"](8, 8, (first, second, 0)).ge(5).all()
+    assert ns["draw_batch"](8, 100, None).max() < 8
     pairs = [(scene_of(r), text) for r in train for text in r["captions"]]
     assert len(kept) == len(pairs) and 0 < sum(kept) < len(kept)
     for keep, (scene, text) in zip(kept, pairs):
@@ -465,6 +471,12 @@ def test_shape_given_colour_relation_between_colours(tmp_path, monkeypatch, caps
     right, mirror = capsys.readouterr().out.split("mirrored: per object")
     assert "both colours drawn: 12; the asked relation between them 1.00, the opposite 0.00" in right
     assert "both colours drawn: 12; the asked relation between them 0.00, the opposite 1.00" in mirror
+    words = [m["include"][1]["position"][0] for m in prompts]
+    first = sum(w in ("left of", "above") for w in words)  # the asked relation draws the first-named object first
+    assert f"drawn first (left, or upper): {first / 12:.2f}" in right
+    assert f"drawn first (left, or upper): {(12 - first) / 12:.2f}" in mirror
+    assert f"left of ({words.count('left of')}) asked 1.00, opposite 0.00" in right
+    assert f"right of ({words.count('right of')}) asked 0.00, opposite 1.00" in mirror
 
 
 def test_same_noise_prompts_script(tiny_run, monkeypatch, capsys):
@@ -724,6 +736,15 @@ def test_noise_end_layout_estimators():
     assert fig["layout of the mean"] == 1.0 and fig["mirror-asymmetric"] == 1.0 and fig["relation in the mean"] == 4.0
     same = ns["layout_figures"](left, left, torch.tensor([True]))
     assert same["relation in the mean"] == 0.0 and same["mirror-asymmetric"] == 1.0
+    # word order: one scene in its two word orders; "A right of B" names the right object first
+    right = ns["mirror"](left, torch.tensor([True]))[:, 0]  # (1, N, L): the scene, A on the right
+    d_model = (right - left[:, 0]).expand(2, 2, 4, 1)  # each row's flip, two fits: (2, 2, N, L)
+    prompts = ["a photo of a red circle right of a blue square", "a photo of a blue square left of a red circle"]
+    axis = torch.tensor([True, True])
+    follows = torch.cat([left[:, 0], right])  # A drawn left in row 0 though it is right: word order
+    assert ns["word_order"](follows, d_model, prompts, axis) == {"all": 1.0, "left / right": 1.0}
+    reads = torch.cat([right, right])  # both rows drawn as the scene: the relation read
+    assert ns["word_order"](reads, d_model, prompts, axis) == {"all": 0.0, "left / right": 0.0}
 
 
 def test_noise_end_layout_script(tiny_run, monkeypatch, capsys):

@@ -99,6 +99,10 @@ def main() -> None:
                 raise SystemExit(f"--relation-share {args.relation_share}: a share of the batch, in [0, 1]")
             stated = relation_captions(run)  # (P,)
             pools = stated.nonzero()[:, 0], (~stated).nonzero()[:, 0], round(args.relation_share * args.batch_size)
+            if (pools[2] and not len(pools[0])) or (pools[2] < args.batch_size and not len(pools[1])):
+                raise SystemExit(f"--relation-share {args.relation_share}: {run / 'data'} has "
+                                 f"{len(pools[0])} captions that state a relation and {len(pools[1])} others; "
+                                 "use a share that draws only from a pool that has some")
             print(f"batches of {pools[2]} of the {len(pools[0])} captions that state a relation and "
                   f"{args.batch_size - pools[2]} of the other {len(pools[1])}", flush=True)
         negatives = relation_negatives(pipe.generator, run) if args.contrastive > 0 else None

@@ -156,6 +156,9 @@ def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, 
     monkeypatch.setattr(sys, "argv", sys.argv + ["--cond-norm", "standardize"])  # Q scaled another way
     runpy.run_path(str(script), run_name="__main__")
     assert "read from the cache" in capsys.readouterr().out  # it holds Q before cond_norm, so serves any
+    monkeypatch.setattr(sys, "argv", sys.argv + ["--relation-share", "1.5"])
+    with pytest.raises(SystemExit, match=r"a share of the batch, in \[0, 1\]"):
+        runpy.run_path(str(script), run_name="__main__")
     # --relation-share draws its share of a batch from exactly the captions that state the relation
     # of a two-object scene, the rest from the others
     import datasets

@@ -152,6 +152,9 @@ def main() -> None:
     p.add_argument("--run-dir", type=Path, required=True, help="a run with finished generation and clip stages")
     p.add_argument("--dit", type=Path, help="DiT weights (.safetensors) to score in the finished stage's generator: "
                    "`scripts/ablate_dit_geneval.py --save`")
+    p.add_argument("--dit-pos-embed", choices=["none", "sincos"], default=None,
+                   help="with --dit: the position embedding those weights were trained with "
+                        "(`ablate_dit_geneval.py --dit-pos-embed`; the stage's own by default)")
     p.add_argument("--draws", type=int, default=32, help="noises per prompt (split in halves for the means)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -170,10 +173,17 @@ def main() -> None:
     cfg = run_config(run)
     gen = load_generator(run / "generation").eval()
     if args.dit:
-        from blip3o_mini.artifacts import load_tensors
+        import dataclasses
 
+        from blip3o_mini.artifacts import load_tensors
+        from blip3o_mini.dit import NextDiT
+
+        if args.dit_pos_embed:  # the table is a buffer, not in the weights: the DiT is rebuilt with it
+            gen.dit = NextDiT(dataclasses.replace(gen.dit.cfg, pos_embed=args.dit_pos_embed)).eval()
         gen.dit.load_state_dict(load_tensors(args.dit))
-        print(f"DiT weights of {args.dit}")
+        print(f"DiT weights of {args.dit} (pos_embed {gen.dit.cfg.pos_embed})")
+    elif args.dit_pos_embed:
+        raise SystemExit("--dit-pos-embed describes --dit's weights; pass --dit too")
     backbone = load_stage_backbone(run / "understanding").freeze()
     data = datasets.load_from_disk(str(run / "data" / "shapesworld"))
     val_scenes = [scene_of({"objects": r}) for r in data["val"]["objects"]]

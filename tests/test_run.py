@@ -779,6 +779,22 @@ def test_noise_end_layout_script(tiny_run, monkeypatch, capsys):
     assert dit["relation in the mean"] == 0 and results["along"] == 0
     assert dit["layout of one draw"] == pytest.approx(1.0, rel=0.1)  # unit noise, spread over the grid
     assert abs(dit["layout of the mean"]) < 0.05  # the noises' mean has no layout
+    # --dit-pos-embed rebuilds the DiT with the table its weights were trained with: the same
+    # weights then guess otherwise
+    own = {k: v.clone() for k, v in load_generator(out / "generation").dit.state_dict().items()}
+    save_tensors(out.parent / "dit-own.safetensors", own)
+    figures = []
+    for extra in ([], ["--dit-pos-embed", "sincos"]):
+        monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--draws", "4",
+                                          "--dit", str(out.parent / "dit-own.safetensors"), *extra])
+        runpy.run_path(str(script), run_name="__main__")
+        printed = capsys.readouterr().out
+        assert f"(pos_embed {extra[1] if extra else 'none'})" in printed
+        figures.append(json.loads(printed.strip().splitlines()[-1])["figures"]["the DiT"])
+    assert figures[0]["layout of one draw"] != figures[1]["layout of one draw"]
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--dit-pos-embed", "sincos"])
+    with pytest.raises(SystemExit, match="pass --dit too"):
+        runpy.run_path(str(script), run_name="__main__")
     monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--draws", "1"])
     with pytest.raises(SystemExit, match="at least 2"):
         runpy.run_path(str(script), run_name="__main__")

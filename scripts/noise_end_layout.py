@@ -130,11 +130,12 @@ def mirror(x: torch.Tensor, horizontal: torch.Tensor) -> torch.Tensor:
 def word_order(mean_true: torch.Tensor, d_model: torch.Tensor, prompts: list[str], horizontal: torch.Tensor) -> dict:
     """Does the DiT draw the first-named object first (left, or upper), whatever the relation
     word says? The training list captions name objects left to right, so word order is a
-    shortcut. Rows 2k and 2k + 1 are one scene in its two word orders ("A left of B", "B right of
-    A"): a DiT that reads the relation draws them alike, one that follows the word order draws the
-    second as the first's mirror, whose difference is the linear model's flip (`d_model`, (n, 2, N,
-    L), two fits), signed. A regression coefficient on that difference: 1 for pure word order, 0 for none, per
-    axis. mean_true (n, N, L): the DiT's guesses averaged over noises (the same noises in every row)."""
+    shortcut. Rows 2k and 2k + 1 are one scene in its two word orders ("A left of B", "B right
+    of A"): a DiT that reads the relation draws them alike; one that follows the word order draws
+    the second as the first's mirror, whose difference is the linear model's flip, signed
+    (`d_model`, (n, 2, N, L), two fits). A regression coefficient on that difference, per axis:
+    1 for pure word order, 0 for none. mean_true (n, N, L): the DiT's guesses averaged over
+    noises (the same noises in every row)."""
     first_first = torch.tensor([("left of" in t or "above" in t) for t in prompts[::2]], dtype=torch.float32)
     sign = (2 * first_first - 1)[:, None, None, None]  # (n/2, 1, 1, 1): +1 when the first-named object is left / upper
     e = mean_true[0::2] - mean_true[1::2]  # (n/2, N, L)

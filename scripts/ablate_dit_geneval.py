@@ -97,7 +97,9 @@ def main() -> None:
         if args.relation_share is not None:
             if not 0 <= args.relation_share <= 1:
                 raise SystemExit(f"--relation-share {args.relation_share}: a share of the batch, in [0, 1]")
-            stated = relation_captions(run)  # (P,)
+            import datasets
+
+            stated = relation_captions(datasets.load_from_disk(str(run / "data" / "shapesworld"))["train"])  # (P,)
             pools = stated.nonzero()[:, 0], (~stated).nonzero()[:, 0], round(args.relation_share * args.batch_size)
             if (pools[2] and not len(pools[0])) or (pools[2] < args.batch_size and not len(pools[1])):
                 raise SystemExit(f"--relation-share {args.relation_share}: {run / 'data'} has "
@@ -224,7 +226,7 @@ def relation_negatives(gen, run: Path) -> dict:
         raise SystemExit(f"--contrastive: {run / 'data'} has no two-object training scenes in a relation to swap")
     pixels = images_uint8({"image": images})  # (M, 3, 64, 64), as the CLIP stage reads its split
     features = gen.normalize(extract_features(load_encoder(run / "clip"), pixels))  # (M, 64, F)
-    stated = relation_captions(run) & (index[rows_of(train["captions"])] >= 0)  # (P,)
+    stated = relation_captions(train) & (index[rows_of(train["captions"])] >= 0)  # (P,)
     print(f"negatives: {len(images)} two-object training scenes with their places swapped; "
           f"{int(stated.sum())} of {len(stated)} captions state the relation", flush=True)
     return dict(features=features, index=index, stated=stated)
@@ -235,15 +237,12 @@ def rows_of(captions: list[list[str]]) -> torch.Tensor:
     return torch.tensor([r for r, options in enumerate(captions) for _ in options])
 
 
-def relation_captions(run: Path) -> torch.Tensor:
-    """For every (caption paraphrase, image) pair in `cached_pairs`' order, whether its image holds
-    two objects in a relation and the caption states it: (P,) bool."""
-    import datasets
-
+def relation_captions(train) -> torch.Tensor:
+    """For every (caption paraphrase, image) pair of the training split `train` in `cached_pairs`'
+    order, whether its image holds two objects in a relation and the caption states it: (P,) bool."""
     from blip3o_mini.data import relation, scene_of
     from blip3o_mini.data.world import RELATIONS
 
-    train = datasets.load_from_disk(str(run / "data" / "shapesworld"))["train"]
     related = [len(sc.objects) == 2 and relation(*sc.objects) is not None
                for sc in (scene_of({"objects": r}) for r in train["objects"])]
     return torch.tensor([related[r] and any(w in text for w in RELATIONS)

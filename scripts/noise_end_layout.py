@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from relation_loss_gap import design, pair_keys, relation_prompts  # noqa: E402
+from relation_loss_gap import design, pair_keys, relation_prompts, ridge_fit  # noqa: E402
 
 
 def grid_spread(x: torch.Tensor) -> torch.Tensor:
@@ -100,11 +100,9 @@ def linear_means(train_x1: torch.Tensor, train_keys: list[dict], val_keys: list[
     products as the DiT's noise draws do: (V, 2, N, L) each."""
     out = {}
     for placed, edits in ((True, ("true", "relation flipped")), (False, ("objects only",))):
-        fits = []
-        for half in (0, 1):
-            x = design([k["true"] for k in train_keys[half::2]], placed)  # (M/2, d)
-            y = train_x1[half::2].flatten(1)  # (M/2, N L)
-            fits.append(torch.linalg.solve(x.T @ x + 1e-3 * len(x) * torch.eye(x.shape[1]), x.T @ y))  # (d, N L)
+        fits = [ridge_fit(design([k["true"] for k in train_keys[half::2]], placed),  # (M/2, d)
+                          train_x1[half::2].flatten(1))  # (d, N L)
+                for half in (0, 1)]
         for e in edits:
             x = design([k["true" if e == "objects only" else e] for k in val_keys], placed)  # (V, d)
             out[e] = torch.stack([(x @ w).view(-1, *train_x1.shape[1:]) for w in fits], dim=1)  # (V, 2, N, L)

@@ -132,6 +132,14 @@ def design(keys: list[tuple], placed: bool):
     return x
 
 
+def ridge_fit(x, y):
+    """Least squares of y (M, P) on the design x (M, d), with a light ridge (1e-3 per row) so that
+    a role no training image has stays at zero: the weights (d, P)."""
+    import torch
+
+    return torch.linalg.solve(x.T @ x + 1e-3 * len(x) * torch.eye(x.shape[1]), x.T @ y)
+
+
 def linear_predictor_losses(train_x1, train_keys: list[dict], val_x1, val_keys: list[dict]) -> dict[str, float]:
     """At t = 0 the flow's best velocity is E[x_1 | prompt] - x_0, and its loss the spread of x_1
     around that mean. Model the mean image (64 x L numbers) as linear in the objects' presence
@@ -141,11 +149,7 @@ def linear_predictor_losses(train_x1, train_keys: list[dict], val_x1, val_keys: 
     import torch
 
     y = train_x1.flatten(1)  # (M, 64 L)
-    weights = {}
-    for placed in (False, True):
-        x = design([k["true"] for k in train_keys], placed)  # (M, d)
-        ridge = 1e-3 * len(x) * torch.eye(x.shape[1])
-        weights[placed] = torch.linalg.solve(x.T @ x + ridge, x.T @ y)  # (d, 64 L)
+    weights = {placed: ridge_fit(design([k["true"] for k in train_keys], placed), y) for placed in (False, True)}
     out = {"null": (val_x1 - train_x1.mean(0)).pow(2).mean().item()}
     for name, placed, edit in (("objects only", False, "true"), ("true", True, "true"),
                                ("relation flipped", True, "relation flipped"),

@@ -167,7 +167,7 @@ def test_dit_geneval_ablation_script_scores_fresh_dits_and_their_emas(tiny_run, 
 
     ns = runpy.run_path(str(script))
     train = datasets.load_from_disk(str(out / "data" / "shapesworld"))["train"]
-    kept = ns["relation_captions"](out).tolist()
+    kept = ns["relation_captions"](train).tolist()
     first, second = torch.tensor([0, 1]), torch.tensor([5, 6, 7])
     batch = ns["draw_batch"](8, 8, (first, second, 3))
     assert batch[:3].lt(2).all() and batch[3:].ge(5).all() and ns["draw_batch"](8, 8, (first, second, 0)).ge(5).all()

@@ -4,6 +4,7 @@
     python benchmarks/bench_clip_step.py --batch 64 --json clip_step.json
     python benchmarks/bench_clip_step.py --precision bf16-mixed    # force bf16 (emulated on CPUs without it)
     python benchmarks/bench_clip_step.py --adamw per-tensor        # the AdamW loop the recipe's fused kernel replaced
+    python benchmarks/bench_clip_step.py --compile                 # both towers' forwards through torch.compile
 
 The step is the clip stage's (`blip3o_mini.training.clip.ClipModule`): the open_clip model of
 `configs/toy.yaml`, the stage's precision (bf16 autocast; fp32 on a CPU without bf16
@@ -13,7 +14,10 @@ plus B shape-swapped hard negatives. Each part (forward + backward) is the media
 `--repeats` runs after one warm-up. A `torch.profiler` pass over whole steps then gives the
 share of the time in matrix products (mm, addmm, bmm) and their throughput, counted from the
 shapes: whether the step is bound by arithmetic (fewer FLOPs per sample is the only way to a
-shorter stage) or by everything around it (kernels, casts, Python).
+shorter stage) or by everything around it (kernels, casts, Python). `--compile` times the same
+step with both towers' forwards compiled (Inductor fuses the elementwise work, as it does for the
+DiT, the LM and the UNet, whose recipes compile): whether that pays for a step bound by its
+matrix products.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="bf16 autocast or fp32 (default: the stage's, bf16 where the CPU has bf16 instructions)")
     p.add_argument("--adamw", choices=["recipe", "per-tensor"], default="recipe",
                    help="the recipe's AdamW (fused where the parameters allow it) or the per-tensor loop")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile both towers' forwards (the first run of each pays the compilation)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
 
@@ -69,6 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     captions = [c[0] for c in split["captions"]]
     ids = encoder.tokenize(captions + [swap_shape(c) for c in captions])  # (2B, T)
     model = encoder.model
+    if args.compile:  # the towers' forwards, as the recipe calls them (the warm-up run compiles)
+        model.encode_image, model.encode_text = torch.compile(model.encode_image), torch.compile(model.encode_text)
 
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
@@ -116,9 +124,9 @@ def main(argv: list[str] | None = None) -> dict:
            "step_s": round(parts["step"], 4), "profiled_step_s": round(total, 4),
            "matmul_share": round(mat_s / total, 3), "matmul_gflop_per_step": round(flops / 1e9, 1),
            "matmul_gflop_per_s": round(flops / 1e9 / mat_s, 1) if mat_s else None}
-    out["adamw"] = args.adamw
+    out["adamw"], out["compiled"] = args.adamw, args.compile
     print(f"toy CLIP step, batch {B} (+{B} hard negatives), {args.precision}, {out['threads']} thread(s), "
-          f"{args.adamw} AdamW")
+          f"{args.adamw} AdamW, {'compiled' if args.compile else 'eager'}")
     print(f"vision tower fwd+bwd {parts['vision'] * 1e3:7.1f} ms")
     print(f"text tower fwd+bwd   {parts['text'] * 1e3:7.1f} ms  ({2 * B} captions)")
     print(f"whole step           {parts['step'] * 1e3:7.1f} ms  (loss and AdamW included)")

@@ -2,6 +2,7 @@
 tokens at t = 0, averaged over noise, against the mean image of the prompt's training scenes.
 
     python scripts/noise_end_layout.py --run-dir runs/toy [--dit DIT.safetensors]
+    python scripts/noise_end_layout.py --run-dir RUN_DIR --ckpt STEP.ckpt   # a stage still training
 
 At t = 0 the flow's input is pure noise x_0, and the best prediction of the clean tokens,
 x_0 + v, is the mean image of the prompt: E[x_1 | prompt]. For "a red circle left of a blue
@@ -46,7 +47,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from relation_loss_gap import design, pair_keys, relation_prompts, ridge_fit  # noqa: E402
+from relation_loss_gap import design, pair_keys, relation_prompts, ridge_fit, stage_generator  # noqa: E402
 
 
 def grid_spread(x: torch.Tensor) -> torch.Tensor:
@@ -149,6 +150,8 @@ def word_order(mean_true: torch.Tensor, d_model: torch.Tensor, prompts: list[str
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", type=Path, required=True, help="a run with finished generation and clip stages")
+    p.add_argument("--ckpt", type=Path, help="a Lightning checkpoint of the run's generation stage, copied while it "
+                   "trained, to score instead of the finished stage's weights (as relation_loss_gap.py --ckpt)")
     p.add_argument("--dit", type=Path, help="DiT weights (.safetensors) to score in the finished stage's generator: "
                    "`scripts/ablate_dit_geneval.py --save`")
     p.add_argument("--dit-pos-embed", choices=["none", "sincos"], default=None,
@@ -164,13 +167,14 @@ def main() -> None:
 
     from blip3o_mini.data.dataset import scene_of
     from blip3o_mini.features import load_split_features
-    from blip3o_mini.generation_stage import load_generator
     from blip3o_mini.run import run_config, stage_attention_kernel
     from blip3o_mini.understanding_stage import load_stage_backbone
 
     run = args.run_dir.expanduser()
     cfg = run_config(run)
-    gen = load_generator(run / "generation").eval()
+    backbone = load_stage_backbone(run / "understanding").freeze()
+    gen = stage_generator(run, cfg, load_split_features(run / "clip", "val").shape[-1], backbone.hidden_size,
+                          args.ckpt)
     if args.dit:
         import dataclasses
 
@@ -183,7 +187,6 @@ def main() -> None:
         print(f"DiT weights of {args.dit} (pos_embed {gen.dit.cfg.pos_embed})")
     elif args.dit_pos_embed:
         raise SystemExit("--dit-pos-embed describes --dit's weights; pass --dit too")
-    backbone = load_stage_backbone(run / "understanding").freeze()
     data = datasets.load_from_disk(str(run / "data" / "shapesworld"))
     val_scenes = [scene_of({"objects": r}) for r in data["val"]["objects"]]
     rows = [(i, *pr) for i, sc in enumerate(val_scenes) if not sc.unseen for pr in relation_prompts(sc)]

@@ -159,6 +159,30 @@ def linear_predictor_losses(train_x1, train_keys: list[dict], val_x1, val_keys: 
     return out
 
 
+def stage_generator(run: Path, cfg: dict, feature_dim: int, hidden_size: int, ckpt: Path | None = None):
+    """The run's generator in eval mode: the finished stage's, or, with `ckpt` (a Lightning
+    checkpoint copied while the stage trained), the one its config builds with the checkpoint's
+    weights, so that a stage still training can be scored at its steps."""
+    import torch
+
+    from blip3o_mini.describe import generation_configs
+    from blip3o_mini.generation import Blip3oGenerator
+    from blip3o_mini.generation_stage import load_generator
+
+    if (run / "generation" / "stage.json").exists():
+        gen = load_generator(run / "generation").eval()
+    elif ckpt:
+        gen = Blip3oGenerator(generation_configs(cfg)[0], feature_dim, hidden_size).eval()
+    else:
+        raise SystemExit(f"{run / 'generation'} has not finished; pass --ckpt to score one of its checkpoints")
+    if ckpt:  # the LightningModule holds the generator as `generator.` (and the frozen backbone)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        gen.load_state_dict({k.removeprefix("generator."): v for k, v in state["state_dict"].items()
+                             if k.startswith("generator.")})
+        print(f"weights of {ckpt} (step {state['global_step']})")
+    return gen
+
+
 def shares(mean: dict[str, float], edits) -> dict[str, float]:
     """Each edit's extra loss over the true prompt, as a share of the null condition's."""
     gap = mean["null"] - mean["true"]
@@ -181,10 +205,7 @@ def main() -> None:
     import torch
 
     from blip3o_mini.data.dataset import scene_of
-    from blip3o_mini.describe import generation_configs
     from blip3o_mini.features import load_split_features
-    from blip3o_mini.generation import Blip3oGenerator
-    from blip3o_mini.generation_stage import load_generator
     from blip3o_mini.run import run_config, stage_attention_kernel
     from blip3o_mini.understanding_stage import load_stage_backbone
 
@@ -192,17 +213,7 @@ def main() -> None:
     cfg = run_config(run)
     backbone = load_stage_backbone(run / "understanding").freeze()
     feats = load_split_features(run / "clip", "val")  # (V, 64, F)
-    if (run / "generation" / "stage.json").exists():
-        gen = load_generator(run / "generation").eval()
-    elif args.ckpt:  # a stage still training: the generator its config builds, weights from the checkpoint
-        gen = Blip3oGenerator(generation_configs(cfg)[0], feats.shape[-1], backbone.hidden_size).eval()
-    else:
-        raise SystemExit(f"{run / 'generation'} has not finished; pass --ckpt to score one of its checkpoints")
-    if args.ckpt:  # the LightningModule holds the generator as `generator.` (and the frozen backbone)
-        state = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-        gen.load_state_dict({k.removeprefix("generator."): v for k, v in state["state_dict"].items()
-                             if k.startswith("generator.")})
-        print(f"weights of {args.ckpt} (step {state['global_step']})")
+    gen = stage_generator(run, cfg, feats.shape[-1], backbone.hidden_size, args.ckpt)
     if args.dit:
         from blip3o_mini.artifacts import load_tensors
 

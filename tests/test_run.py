@@ -779,6 +779,25 @@ def test_noise_end_layout_script(tiny_run, monkeypatch, capsys):
     assert dit["relation in the mean"] == 0 and results["along"] == 0
     assert dit["layout of one draw"] == pytest.approx(1.0, rel=0.1)  # unit noise, spread over the grid
     assert abs(dit["layout of the mean"]) < 0.05  # the noises' mean has no layout
+    # --ckpt scores a checkpoint of a stage still training (here: a copy of the run whose
+    # generation stage is not marked complete), weights from the checkpoint: the same v = 0 head
+    import shutil
+
+    unfinished = out.parent / "unfinished"
+    shutil.copytree(out, unfinished, ignore=lambda d, names: ["stage.json"] if d.endswith("generation") else [])
+    gen_state = load_generator(out / "generation").state_dict()
+    ckpt = {f"generator.{k}": (torch.zeros_like(v) if k.startswith("dit.final.linear.") else v.clone())
+            for k, v in gen_state.items()}
+    torch.save({"state_dict": ckpt, "global_step": 9}, out.parent / "step9.ckpt")
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(unfinished), "--draws", "64",
+                                      "--ckpt", str(out.parent / "step9.ckpt")])
+    runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "(step 9)" in printed
+    assert json.loads(printed.strip().splitlines()[-1])["figures"]["the DiT"] == dit
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(unfinished), "--draws", "4"])
+    with pytest.raises(SystemExit, match="has not finished; pass --ckpt"):
+        runpy.run_path(str(script), run_name="__main__")
     # --dit-pos-embed rebuilds the DiT with the table its weights were trained with: the same
     # weights then guess otherwise
     own = {k: v.clone() for k, v in load_generator(out / "generation").dit.state_dict().items()}

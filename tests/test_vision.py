@@ -295,3 +295,8 @@ def test_bench_clip_step_times_the_stage_step(monkeypatch):
     assert 0 < out["matmul_share"] <= 1 and out["matmul_gflop_per_step"] > 0
     loop = bench_clip_step.main(["--batch", "4", "--repeats", "1", "--adamw", "per-tensor"])
     assert out["adamw"] == "recipe" and loop["adamw"] == "per-tensor" and loop["step_s"] > 0
+    # --compile wraps both towers' forwards (torch.compile stood in for: compiling costs a minute)
+    wrapped = []
+    monkeypatch.setattr(torch, "compile", lambda fn: wrapped.append(fn.__name__) or fn)
+    compiled = bench_clip_step.main(["--batch", "4", "--repeats", "1", "--compile"])
+    assert sorted(wrapped) == ["encode_image", "encode_text"] and compiled["compiled"] and not out["compiled"]

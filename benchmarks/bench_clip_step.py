@@ -28,7 +28,7 @@ import os
 import statistics
 import time
 
-MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+from matmul_profile import matmul_profile, print_matmul_profile  # benchmarks/matmul_profile.py
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,7 +46,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from blip3o_mini.clip_stage import clip_configs
     from blip3o_mini.config import load_config
@@ -111,27 +110,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     with stage_attention_kernel(cfg):
         parts = {"vision": median_s(vision), "text": median_s(text), "step": median_s(step)}
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
-            for _ in range(3):
-                step()
-    events = prof.key_averages()  # one row per op, FLOPs summed over its shapes
-    total = sum(e.self_cpu_time_total for e in events) / 3 / 1e6  # s per step
-    mat = [e for e in events if e.key in MATMULS]
-    mat_s = sum(e.self_cpu_time_total for e in mat) / 3 / 1e6
-    flops = sum(e.flops for e in mat) / 3  # counted by the profiler from the recorded shapes
+        profiled = matmul_profile([step] * 3)
     out = {"batch": B, "precision": args.precision, "threads": torch.get_num_threads(), "cpu": os.cpu_count(),
            "vision_fwd_bwd_s": round(parts["vision"], 4), "text_fwd_bwd_s": round(parts["text"], 4),
-           "step_s": round(parts["step"], 4), "profiled_step_s": round(total, 4),
-           "matmul_share": round(mat_s / total, 3), "matmul_gflop_per_step": round(flops / 1e9, 1),
-           "matmul_gflop_per_s": round(flops / 1e9 / mat_s, 1) if mat_s else None}
+           "step_s": round(parts["step"], 4), **profiled}
     out["adamw"], out["compiled"] = args.adamw, args.compile
     print(f"toy CLIP step, batch {B} (+{B} hard negatives), {args.precision}, {out['threads']} thread(s), "
           f"{args.adamw} AdamW, {'compiled' if args.compile else 'eager'}")
     print(f"vision tower fwd+bwd {parts['vision'] * 1e3:7.1f} ms")
     print(f"text tower fwd+bwd   {parts['text'] * 1e3:7.1f} ms  ({2 * B} captions)")
     print(f"whole step           {parts['step'] * 1e3:7.1f} ms  (loss and AdamW included)")
-    print(f"matrix products: {out['matmul_share']:.0%} of the profiled step, "
-          f"{out['matmul_gflop_per_step']} GFLOP at {out['matmul_gflop_per_s']} GFLOP/s")
+    print_matmul_profile(out)
     print(json.dumps(out))
     if args.json:
         with open(args.json, "w") as f:

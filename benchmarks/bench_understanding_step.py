@@ -10,7 +10,9 @@ depend on them), packed rows of ShapesWorld turns (`training.packing`) over rand
 of the right shape, the stage's precision and attention kernel, AdamW. Rows differ in length,
 so a batch's length T varies from step to step: the compiled forward is built with dynamic
 shapes (one graph for every T). Times are medians over `--rounds` passes through `--batches`
-distinct batches, after a warm-up pass (which, compiled, pays the compilation).
+distinct batches, after a warm-up pass (which, compiled, pays the compilation). A profiled
+eager pass over the batches then gives the share of the step in matrix products and their FLOPs
+(`matmul_profile.py`): with the step count, the arithmetic a stage cannot train in less of.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import time
 
 from compile_timing import summarize  # benchmarks/compile_timing.py
+from matmul_profile import matmul_profile, print_matmul_profile  # benchmarks/matmul_profile.py
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
-    def timed(module: UnderstandingModule, label: str) -> list[float]:
+    def stepper(module: UnderstandingModule):
         module.log = lambda *a, **k: None  # no Trainer here to log to
         opt = module.configure_optimizers()["optimizer"]
 
@@ -80,7 +83,10 @@ def main(argv: list[str] | None = None) -> dict:
             loss.backward()
             opt.step()
             opt.zero_grad()
+        return step
 
+    def timed(module: UnderstandingModule, label: str) -> list[float]:
+        step = stepper(module)
         start = time.perf_counter()
         for batch in batches:  # warm-up: every length once (and the compilation)
             step(batch)
@@ -97,16 +103,20 @@ def main(argv: list[str] | None = None) -> dict:
     with stage_attention_kernel(cfg):
         torch.manual_seed(0)
         eager = dataclasses.replace(train_cfg, compile=False, print_every=0)
-        results["eager"] = timed(UnderstandingModule(ToyBackbone(bcfg, tokenizer), eager), "eager")
+        module = UnderstandingModule(ToyBackbone(bcfg, tokenizer), eager)
+        results["eager"] = timed(module, "eager")
+        step = stepper(module)
+        profiled = matmul_profile([lambda b=b: step(b) for b in batches])  # one step per distinct batch
         if args.compile:
             torch.manual_seed(0)
             compiled = dataclasses.replace(eager, compile=True)
             results["compiled"] = timed(UnderstandingModule(ToyBackbone(bcfg, tokenizer), compiled), "compiled")
     lengths = [b["input_ids"].shape[1] for b in batches]
     out = {"config": args.config, "batch": B, "precision": precision, "threads": torch.get_num_threads(),
-           "row_lengths": f"{min(lengths)}-{max(lengths)}"}
+           "row_lengths": f"{min(lengths)}-{max(lengths)}", **profiled}
     print(f"understanding step ({args.config}), batch {B}, rows of {out['row_lengths']} tokens, {precision}, "
           f"{out['threads']} thread(s)")
+    print_matmul_profile(out)
     return summarize(results, out)
 
 

@@ -364,3 +364,20 @@ def test_cli_errors(tmp_path, capsys):
     from blip3o_mini.understanding_stage import answer
     with pytest.raises(ValueError, match="question is empty"):
         answer(tmp_path / "w.png", "")
+
+
+def test_bench_understanding_step_counts_its_arithmetic(monkeypatch):
+    """benchmarks/bench_understanding_step.py times the recipe's step and counts the FLOPs of its
+    matrix products (benchmarks/matmul_profile.py), exactly on a known product."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_understanding_step
+    from matmul_profile import matmul_profile
+
+    a, b = torch.randn(1000, 500), torch.randn(500, 300)
+    known = matmul_profile([lambda: a @ b, lambda: torch.bmm(a[None], b[None]), lambda: (a * 2).sum()])
+    assert known["matmul_gflop_per_step"] == 0.2  # 2 x 1000 x 500 x 300 twice, over three steps
+    assert 0 < known["matmul_share"] < 1  # the third step's elementwise work is not a product
+    out = bench_understanding_step.main(["--batches", "1", "--rounds", "1"])
+    assert out["eager_step_s"] > 0 and 0 < out["matmul_share"] <= 1 and out["matmul_gflop_per_step"] > 0

@@ -647,6 +647,17 @@ def test_relation_loss_gap_prompts():
         "a photo of a red circle above a blue square"
 
 
+def zero_head_checkpoint(gen, path, step: int) -> dict:
+    """A generation-stage checkpoint (the LightningModule's `generator.` weights) of `gen` with
+    the DiT's output layer zeroed, so that it predicts v = 0 whatever the prompt; returns its
+    state dict."""
+    state = {f"generator.{k}": v.clone() for k, v in gen.state_dict().items()}
+    for k in ("dit.final.linear.weight", "dit.final.linear.bias"):
+        state[f"generator.{k}"].zero_()
+    torch.save({"state_dict": state, "global_step": step}, path)
+    return state
+
+
 def test_relation_loss_gap_script(tiny_run, monkeypatch, capsys):
     """scripts/relation_loss_gap.py on a finished run: each edit's loss at the same noise, equal to
     the flow loss computed by hand for the row's own image; the null edit is the zero condition."""
@@ -693,10 +704,7 @@ def test_relation_loss_gap_script(tiny_run, monkeypatch, capsys):
     assert set(results["all"]["share"]) == set(results["all"]["moved"]) == {"relation flipped", "colours swapped",
                                                                             "other scene"}
     # --ckpt scores a training checkpoint's weights: one whose DiT predicts v = 0 hears no prompt
-    state = {f"generator.{k}": v.clone() for k, v in gen.state_dict().items()}
-    for k in ("dit.final.linear.weight", "dit.final.linear.bias"):
-        state[f"generator.{k}"].zero_()
-    torch.save({"state_dict": state, "global_step": 7}, out.parent / "step7.ckpt")
+    state = zero_head_checkpoint(gen, out.parent / "step7.ckpt", 7)
     monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--draws", "1",
                                       "--ckpt", str(out.parent / "step7.ckpt")])
     runpy.run_path(str(script), run_name="__main__")
@@ -785,10 +793,7 @@ def test_noise_end_layout_script(tiny_run, monkeypatch, capsys):
 
     unfinished = out.parent / "unfinished"
     shutil.copytree(out, unfinished, ignore=lambda d, names: ["stage.json"] if d.endswith("generation") else [])
-    gen_state = load_generator(out / "generation").state_dict()
-    ckpt = {f"generator.{k}": (torch.zeros_like(v) if k.startswith("dit.final.linear.") else v.clone())
-            for k, v in gen_state.items()}
-    torch.save({"state_dict": ckpt, "global_step": 9}, out.parent / "step9.ckpt")
+    zero_head_checkpoint(load_generator(out / "generation"), out.parent / "step9.ckpt", 9)
     monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(unfinished), "--draws", "64",
                                       "--ckpt", str(out.parent / "step9.ckpt")])
     runpy.run_path(str(script), run_name="__main__")

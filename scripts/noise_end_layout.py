@@ -149,7 +149,8 @@ def word_order(mean_true: torch.Tensor, d_model: torch.Tensor, prompts: list[str
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run-dir", type=Path, required=True, help="a run with finished generation and clip stages")
+    p.add_argument("--run-dir", type=Path, required=True,
+                   help="a run with finished clip and understanding stages, and a finished generation stage unless --ckpt")
     p.add_argument("--ckpt", type=Path, help="a Lightning checkpoint of the run's generation stage, copied while it "
                    "trained, to score instead of the finished stage's weights (as relation_loss_gap.py --ckpt)")
     p.add_argument("--dit", type=Path, help="DiT weights (.safetensors) to score in the finished stage's generator: "

@@ -174,8 +174,8 @@ def main() -> None:
     run = args.run_dir.expanduser()
     cfg = run_config(run)
     backbone = load_stage_backbone(run / "understanding").freeze()
-    gen = stage_generator(run, cfg, load_split_features(run / "clip", "val").shape[-1], backbone.hidden_size,
-                          args.ckpt)
+    train_feats = load_split_features(run / "clip", "train")  # (M, N, L): the linear models' images
+    gen = stage_generator(run, cfg, train_feats.shape[-1], backbone.hidden_size, args.ckpt)
     if args.dit:
         import dataclasses
 
@@ -202,7 +202,7 @@ def main() -> None:
                    for name, q in (("true", q_true), ("flipped", q_flip), ("null", torch.zeros_like(q_true[:1])))}
     train_scenes = [scene_of({"objects": r}) for r in data["train"]["objects"]]
     keep = [i for i, sc in enumerate(train_scenes) if relation_prompts(sc)]
-    train_x1 = gen.normalize(load_split_features(run / "clip", "train")[keep].float())  # (M, N, L)
+    train_x1 = gen.normalize(train_feats[keep].float())  # (M', N, L)
     # each row's mean image is its scene's: the word order does not change what is where
     lin = linear_means(train_x1, [pair_keys(train_scenes[i]) for i in keep],
                        [pair_keys(val_scenes[r[0]]) for r in rows])

@@ -382,8 +382,8 @@ def test_sampling_sweep_script(tiny_run, monkeypatch, capsys):
     runpy.run_path(str(script), run_name="__main__")
     rows = capsys.readouterr().out.strip().splitlines()
     assert [r.split(": GenEval-mini")[0] for r in rows] == [f"seed 0  {v}" for v in variants]
-    stage = json.loads((out / "evaluation" / "metrics.json").read_text())["geneval_mini"]["overall"]
-    assert f"GenEval-mini {stage:.3f} " in rows[0]
+    stage = json.loads((out / "evaluation" / "metrics.json").read_text())["geneval_mini"]
+    assert f"GenEval-mini {stage['overall']:.3f}  seen prompts {stage['overall_seen']:.3f} " in rows[0]
     monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--variants", "cfg=3"])
     with pytest.raises(SystemExit, match="unknown sampling setting 'cfg' in 'cfg=3'; choose from num_inference_steps"):
         runpy.run_path(str(script), run_name="__main__")

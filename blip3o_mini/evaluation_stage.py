@@ -51,7 +51,7 @@ def evaluation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     pipe.save_pretrained(out / "pipeline")
     folder = write_evaluation_images(pipe, ecfg, out / "geneval")
     result = score_folder(folder)
-    summary = result.summary() | overall_by_split(result)
+    summary = result.summary() | result.overall_by_split()
     metrics = {"geneval_mini": summary, "num_images": len(result.records),
                "object_counts": result.object_counts(), "sampling": asdict(ecfg) | asdict(sampling)}
     grid_figure(folder, out / "grid.png", ecfg.grid_prompts)
@@ -59,18 +59,6 @@ def evaluation_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     atomic_write_json(out / "metrics.json", metrics)
     mark_complete(out, key, metrics=metrics)
     return StageResult("evaluation", key, out, False, metrics)
-
-
-def overall_by_split(result) -> dict:
-    """The issue's target figure: the overall score (mean of tag accuracies) over the prompts of
-    seen compositions (`overall_seen`), and over the unseen ones."""
-    from .evaluation.score import summarize
-
-    split = {}
-    for name, flag in (("overall_seen", False), ("overall_unseen", True)):
-        part = [r for r in result.records if r["unseen"] == flag]
-        split[name] = summarize(part).overall if part else None
-    return split
 
 
 def run_evaluation_setup(run_dir: Path):

@@ -49,7 +49,7 @@ def main() -> None:
     args = p.parse_args()
 
     from blip3o_mini.evaluation import score_folder
-    from blip3o_mini.evaluation_stage import overall_by_split, run_evaluation_setup, write_evaluation_images
+    from blip3o_mini.evaluation_stage import run_evaluation_setup, write_evaluation_images
     from blip3o_mini.run import stage_attention_kernel
 
     cfg, base, pipe, ecfg = run_evaluation_setup(args.run_dir.expanduser())
@@ -63,7 +63,7 @@ def main() -> None:
                                       write=False)
             s, counts = result.summary(), result.object_counts()
             tags = "  ".join(f"{k} {v:.2f}" for k, v in s.items() if k != "overall" and v is not None)
-            seen = overall_by_split(result)["overall_seen"]  # the report's "seen prompts", the target's figure
+            seen = result.overall_by_split()["overall_seen"]  # the report's "seen prompts", the target's figure
             print(f"seed {seed}  {name}: GenEval-mini {s['overall']:.3f}  seen prompts {seen:.3f}  {tags}"
                   f"  | single blank "
                   f"{counts['single_object']['blank']:.2f}, two short {counts['two_object']['fewer']:.2f}"

@@ -221,6 +221,10 @@ def test_summary_seen_unseen_are_tag_balanced():
     assert r.overall == pytest.approx(0.75)
     assert r.seen == pytest.approx(0.5) and r.unseen == pytest.approx(0.5)  # single_object left out
     assert summarize([rec("counting", False, True)]).seen is None
+    # overall_seen counts every tag over its seen prompts: (1 + 1 + 0) / 3; unseen: (0 + 1) / 2
+    assert r.overall_by_split() == pytest.approx({"overall_seen": 1 / 3 + 1 / 3, "overall_unseen": 0.5})
+    assert summarize([rec("counting", False, True)]).overall_by_split() == {"overall_seen": 1.0,
+                                                                           "overall_unseen": None}
 
 
 def test_object_counts_say_blank_fewer_exact_more():

@@ -78,6 +78,17 @@ class GenEvalResult:
         """`results.json`: overall, one key per tag, seen, unseen."""
         return {"overall": self.overall, **self.per_tag, "seen": self.seen, "unseen": self.unseen}
 
+    def overall_by_split(self) -> dict[str, float | None]:
+        """The overall score (mean of tag accuracies) over the prompts of seen compositions only
+        (`overall_seen`, the figure issue #5's target is about), and over the unseen ones. Unlike
+        `seen`, which averages only the tags holding both kinds of prompt, it counts every tag:
+        `two_object` and `counting` name no colour, so all their prompts are seen."""
+        split = {}
+        for name, flag in (("overall_seen", False), ("overall_unseen", True)):
+            part = [r for r in self.records if r["unseen"] == flag]
+            split[name] = summarize(part).overall if part else None
+        return split
+
     def object_counts(self) -> dict[str, dict[str, float]]:
         """Per tag, the fraction of images with no object detected (`blank`) and with fewer,
         exactly as many, or more objects than the prompt asks for: where a miss comes from

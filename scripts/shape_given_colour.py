@@ -6,9 +6,10 @@
 Reads each run's generated images (RUN_DIR/evaluation/geneval, GenEval's layout; or a GenEval
 folder itself) and scores them with the GenEval-mini detector. For every object a prompt names
 with its colour (tags colors, position, color_attr) it counts whether an object of that colour
-was drawn, and whether one of them has the asked shape; then, per asked shape, what the first
-object of the asked colour was drawn as. A low "shape | colour" with a high "colour drawn" says
-the objects are there, in the right colours, with the wrong outlines (docs/status.md).
+was drawn, and whether one of them has the asked shape; then, per asked shape, what the largest
+object of the asked colour was drawn as (before session 38: the first one found). A low
+"shape | colour" with a high "colour drawn" says the objects are there, in the right colours,
+with the wrong outlines (docs/status.md).
 
 For position prompts ("a photo of a red circle left of a blue square") it also asks whether the
 relation is drawn, whatever the shapes: in the images holding both named colours, how often the
@@ -47,7 +48,10 @@ def scored(folder: Path) -> list[tuple[dict, dict]]:
 
 
 def shape_given_colour(images: list[tuple[dict, dict]]) -> tuple[dict[str, Counter], Counter]:
-    """Per tag: asked / colour drawn / colour and shape counts; and (asked, drawn) shape pairs."""
+    """Per tag: asked / colour drawn / colour and shape counts; and (asked, drawn) shape pairs,
+    the drawn shape being the largest object's of the asked colour."""
+    from blip3o_mini.evaluation import drawn_shape
+
     stats: dict[str, Counter] = defaultdict(Counter)
     confused: Counter = Counter()
     for record, meta in images:
@@ -60,7 +64,7 @@ def shape_given_colour(images: list[tuple[dict, dict]]) -> tuple[dict[str, Count
             s["colour drawn"] += bool(same_colour)
             s["colour and shape"] += any(d["shape"] == req["class"] for d in same_colour)
             if same_colour:
-                confused[(req["class"], same_colour[0]["shape"])] += 1
+                confused[(req["class"], drawn_shape(record["detections"], req))] += 1
     return dict(stats), confused
 
 
@@ -70,21 +74,16 @@ def relation_given_colours(images: list[tuple[dict, dict]]) -> Counter:
     the relation word ((word, count) keys); and how many draw the first-named object first
     (left, or upper) whatever the word says."""
     from blip3o_mini.data.text import INVERSE
-    from blip3o_mini.evaluation.prompts import relative_position
+    from blip3o_mini.evaluation import drawn_relation
 
     counts: Counter = Counter()
     for record, meta in images:
         if record["tag"] != "position":
             continue
-        reference, anchored = meta["include"]  # GenEval: "A rel B", A = include[1], B = include[0]
-        largest = {}
-        for d in record["detections"]:
-            if d["area"] > largest.get(d["color"], {"area": -1})["area"]:
-                largest[d["color"]] = d
-        if anchored["color"] not in largest or reference["color"] not in largest:
+        rels = drawn_relation(record["detections"], meta)
+        if rels is None:
             continue
-        rels = relative_position(largest[anchored["color"]]["bbox"], largest[reference["color"]]["bbox"])
-        rel = anchored["position"][0]
+        rel = meta["include"][1]["position"][0]  # GenEval: "A rel B", A = include[1], B = include[0]
         for key in ("both colours", (rel, "both colours")):
             counts[key] += 1
         for key in ("asked", (rel, "asked")):

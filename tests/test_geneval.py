@@ -12,8 +12,9 @@ from blip3o_mini.cli import main as cli_main
 from blip3o_mini.data import make_sample, parse_caption, render, scene_of
 from blip3o_mini.data.text import captions
 from blip3o_mini.data.world import HELD_OUT, PALETTE, Obj, Scene, relation
-from blip3o_mini.evaluation import (TAGS, Detection, add_noise, calibrate, detect, evaluate,
-                                    gaussian_blur, make_prompts, prompt_from_scene, read_prompts,
+from blip3o_mini.evaluation import (MISS_KINDS, TAGS, Detection, add_noise, calibrate, detect,
+                                    drawn_relation, drawn_shape, evaluate, gaussian_blur,
+                                    make_prompts, miss_kind, prompt_from_scene, read_prompts,
                                     reference_images, reference_scene, relative_position,
                                     same_objects, score_folder, write_geneval_folder)
 from blip3o_mini.evaluation.detector import label_components
@@ -317,3 +318,42 @@ def test_calibration_reference_near_one_shuffled_near_chance():
     assert shuffled.overall == pytest.approx(summarize(oracle).overall, abs=0.02)
     assert shuffled.overall < 0.2
     assert "shuffled" in cal.table()
+
+
+RED_CIRCLE_LEFT_OF_BLUE_SQUARE = {
+    "tag": "position", "prompt": "a photo of a red circle left of a blue square",
+    "include": [{"class": "square", "count": 1, "color": "blue"},
+                {"class": "circle", "count": 1, "color": "red", "position": ["left of", 0]}],
+    "exclude": [{"class": "square", "count": 2}, {"class": "circle", "count": 2}]}
+
+
+def test_miss_kind_names_the_first_broken_constraint():
+    def kind(dets, meta=RED_CIRCLE_LEFT_OF_BLUE_SQUARE):
+        correct, reason = evaluate(dets, meta)
+        return miss_kind({"correct": correct, "detections": [d.to_dict() for d in dets]}, meta), reason
+
+    assert kind([RED_LEFT, BLUE_RIGHT]) == (None, "")
+    assert kind([])[0] == "blank"
+    assert kind([det("triangle", "red", RED_LEFT.bbox), BLUE_RIGHT])[0] == "shape wrong"
+    assert kind([det("circle", "green", RED_LEFT.bbox), BLUE_RIGHT])[0] == "colour wrong"
+    assert kind([det("triangle", "green", RED_LEFT.bbox), BLUE_RIGHT])[0] == "absent"
+    assert kind([RED_LEFT, BLUE_RIGHT, det("circle", "green", (20, 44, 34, 58))])[0] == "too many"
+    wrong_place, reason = kind([det("circle", "red", BLUE_RIGHT.bbox), det("square", "blue", RED_LEFT.bbox)])
+    assert wrong_place == "wrong place" and "target" in reason
+    three = prompt("a photo of three triangles")
+    assert kind([det("triangle", "red", (i * 16, 4, i * 16 + 14, 18)) for i in range(2)], three)[0] == "too few"
+    assert kind([det("circle", "red", (4, 4, 18, 18))], three)[0] == "absent"
+    assert len(MISS_KINDS) == 7
+
+
+def test_drawn_relation_and_shape_read_the_largest_object_of_each_colour():
+    pos = RED_CIRCLE_LEFT_OF_BLUE_SQUARE
+    red, blue = RED_LEFT.to_dict(), BLUE_RIGHT.to_dict()
+    assert drawn_relation([], pos) is None and drawn_relation([red], pos) is None
+    assert drawn_relation([red, blue], pos) == {"left of"}  # the red object's relation to the blue one
+    assert drawn_relation([red | {"bbox": blue["bbox"]}, blue | {"bbox": red["bbox"]}], pos) == {"right of"}
+    # shapes do not matter, and a red speck right of the blue square does not move the red object
+    speck = det("triangle", "red", (58, 20, 60, 22)).to_dict() | {"area": 4}
+    assert drawn_relation([red | {"shape": "triangle"}, blue, speck], pos) == {"left of"}
+    assert drawn_shape([speck, red], pos["include"][1]) == "circle"
+    assert drawn_shape([blue], pos["include"][1]) is None

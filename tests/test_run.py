@@ -389,6 +389,28 @@ def test_sampling_sweep_script(tiny_run, monkeypatch, capsys):
         runpy.run_path(str(script), run_name="__main__")
 
 
+def test_relation_seeds_script(tiny_run, monkeypatch, capsys):
+    """scripts/relation_seeds.py (docs/status.md): seed 0 regenerates the evaluation's own
+    position images (their GenEval accuracy is the stage's), and the pooled counts add up."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    _, out = tiny_run
+    script = Path(__file__).parents[1] / "scripts" / "relation_seeds.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--run-dir", str(out), "--seeds", "0"])
+    module = runpy.run_path(str(script), run_name="__main__")
+    rows = capsys.readouterr().out.strip().splitlines()
+    stage = json.loads((out / "evaluation" / "metrics.json").read_text())["geneval_mini"]
+    assert rows[0].startswith(f"seed 0: position {stage['position']:.3f} (")
+    both = int(rows[0].split("both colours ")[1].split(":")[0])
+    counts = [int(rows[1].split(f"{k} ")[1].split(",")[0].split(";")[0]) for k in ("asked", "opposite", "neither")]
+    assert sum(counts) == both and rows[1].startswith("pooled over 1 seeds, all:")
+    sign_test = module["sign_test"]
+    assert sign_test(0, 0) == 1.0 and sign_test(5, 10) == 1.0
+    assert sign_test(10, 10) == pytest.approx(2 / 1024) and sign_test(0, 10) == sign_test(10, 10)
+
+
 def test_sampling_settings_rerun_the_evaluation_not_the_training(tiny_run):
     """generation.flow's num_steps / guidance_scale / guidance_interval / sde_noise are read when sampling only:
     changing them keeps the trained generator and re-runs the evaluation with the new numbers

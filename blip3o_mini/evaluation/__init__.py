@@ -7,11 +7,13 @@ folder.py     GenEval's image folder layout (write a generator's images, read th
 reference.py  ground-truth renders of a prompt (the "perfect generator")
 score.py      GenEval's per-image rule, per-tag and overall accuracy, seen / unseen
 calibrate.py  reference ~1.0, shuffled ~chance, blurred / noisy still high
+misses.py     why an image missed (the first broken constraint), what was drawn for a colour
 """
 
 from .calibrate import Calibration, add_noise, calibrate, exact_fraction, gaussian_blur, same_objects
 from .detector import Detection, DetectorConfig, detect
 from .folder import read_geneval_folder, write_geneval_folder
+from .misses import MISS_KINDS, drawn_relation, drawn_shape, miss_kind
 from .prompts import (TAGS, make_prompts, prompt_from_scene, read_prompts, relative_position,
                       validate_metadata, write_prompts)
 from .reference import reference_images, reference_scene

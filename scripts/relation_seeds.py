@@ -13,7 +13,10 @@ in the asked relation, in its opposite, or in neither (a perpendicular or no rel
 
 Pooled over the seeds, a two-sided sign test: among the images that draw the asked relation or
 its opposite, is the asked one drawn more often than half? Also per axis (left / right, above /
-below), and GenEval's own position accuracy per seed (shapes and counts must hold too). Only the
+below) and per relation word: GenEval-mini's prompts are not balanced between the words (18
+"right of", 11 "left of"), so a generator that puts the first-named object on one side,
+whatever the word, would lean to the asked relation for one word and to its opposite for the
+other. And GenEval's own position accuracy per seed (shapes and counts must hold too). Only the
 evaluation's batches that hold position prompts are generated (the toy config: one batch of 54),
 about a minute a seed in fp32 on a 2-core CPU.
 """
@@ -74,12 +77,13 @@ def main() -> None:
                        else "opposite" if INVERSE[rel] in holds else "neither")
             counts[verdict] += 1
             counts[(axis, verdict)] += 1
+            counts[(rel, verdict)] += 1
         pooled += counts
         print(f"seed {seed}: position {result.per_tag['position']:.3f} ({len(metas)} images); both colours "
               f"{len(metas) - counts['colour missing']}: asked {counts['asked']}, opposite {counts['opposite']}, "
               f"neither {counts['neither']}  ({time.perf_counter() - start_time:.0f} s)", flush=True)
-    for label, key in (("all", lambda v: v), ("left/right", lambda v: ("left/right", v)),
-                       ("above/below", lambda v: ("above/below", v))):
+    groups = ["left/right", "above/below", *INVERSE]  # the axes, then each relation word
+    for label, key in [("all", lambda v: v)] + [(g, lambda v, g=g: (g, v)) for g in groups]:
         a, o, n = pooled[key("asked")], pooled[key("opposite")], pooled[key("neither")]
         print(f"pooled over {len(args.seeds)} seeds, {label}: asked {a}, opposite {o}, neither {n}; asked among "
               f"asked + opposite {a / max(1, a + o):.3f} (sign test p = {sign_test(a, a + o):.3g})")

@@ -20,6 +20,8 @@ missed image gets the kind of the first constraint it breaks:
 
 from __future__ import annotations
 
+from .prompts import relative_position
+
 MISS_KINDS = ("blank", "absent", "shape wrong", "colour wrong", "too few", "too many", "wrong place")
 
 
@@ -73,6 +75,4 @@ def drawn_relation(detections: list[dict], metadata: dict) -> set[str] | None:
     b = largest_of_colour(detections, reference["color"])
     if a is None or b is None:
         return None
-    from .prompts import relative_position
-
     return relative_position(a["bbox"], b["bbox"])

@@ -8,7 +8,7 @@ script generates the evaluation's position prompts again with the run's pipeline
 numbers, the noise drawn from each seed as the evaluation stage draws it (seed 0 gives the
 evaluation's own images), and scores them with the GenEval-mini detector. In the images that
 hold both named colours it asks GenEval's rule where the largest object of the first colour
-stands against the largest of the second, whatever their shapes (`evaluation.drawn_relation`):
+stands against the largest of the second, whatever their shapes (`evaluation.relation_verdict`):
 in the asked relation, in its opposite, or in neither (a perpendicular or no relation).
 
 Pooled over the seeds, a two-sided sign test: among the images that draw the asked relation or
@@ -47,7 +47,7 @@ def main() -> None:
     import torch
 
     from blip3o_mini.data.text import INVERSE
-    from blip3o_mini.evaluation import drawn_relation, score_images
+    from blip3o_mini.evaluation import relation_verdict, score_images
     from blip3o_mini.evaluation.folder import batch_seed
     from blip3o_mini.evaluation_stage import evaluation_prompts, run_evaluation_setup
     from blip3o_mini.run import stage_attention_kernel
@@ -70,11 +70,9 @@ def main() -> None:
         result = score_images(images, metas)
         counts = Counter()
         for r, m in zip(result.records, metas):
-            holds = drawn_relation(r["detections"], m)
             rel = m["include"][1]["position"][0]
             axis = "left/right" if rel in ("left of", "right of") else "above/below"
-            verdict = ("colour missing" if holds is None else "asked" if rel in holds
-                       else "opposite" if INVERSE[rel] in holds else "neither")
+            verdict = relation_verdict(r["detections"], m) or "colour missing"
             counts[verdict] += 1
             counts[(axis, verdict)] += 1
             counts[(rel, verdict)] += 1

@@ -15,8 +15,8 @@ from blip3o_mini.data.world import HELD_OUT, PALETTE, Obj, Scene, relation
 from blip3o_mini.evaluation import (MISS_KINDS, TAGS, Detection, add_noise, calibrate, detect,
                                     drawn_relation, drawn_shape, evaluate, gaussian_blur,
                                     make_prompts, miss_kind, prompt_from_scene, read_prompts,
-                                    reference_images, reference_scene, relative_position,
-                                    same_objects, score_folder, write_geneval_folder)
+                                    reference_images, reference_scene, relation_verdict,
+                                    relative_position, same_objects, score_folder, write_geneval_folder)
 from blip3o_mini.evaluation.detector import label_components
 from blip3o_mini.evaluation.prompts import DEFAULT_PROMPTS_FILE
 from blip3o_mini.evaluation.score import score_images, summarize
@@ -176,12 +176,15 @@ def prompt(text):
 
 COLOR_ATTR = next(m for m in PROMPTS if m["tag"] == "color_attr")
 
+RED_CIRCLE_LEFT_OF_BLUE_SQUARE = {
+    "tag": "position", "prompt": "a photo of a red circle left of a blue square",
+    "include": [{"class": "square", "count": 1, "color": "blue"},
+                {"class": "circle", "count": 1, "color": "red", "position": ["left of", 0]}],
+    "exclude": [{"class": "square", "count": 2}, {"class": "circle", "count": 2}]}
+
 
 def test_evaluate_position_colour_and_exact_counts():
-    pos = {"tag": "position", "prompt": "a photo of a red circle left of a blue square",
-           "include": [{"class": "square", "count": 1, "color": "blue"},
-                       {"class": "circle", "count": 1, "color": "red", "position": ["left of", 0]}],
-           "exclude": [{"class": "square", "count": 2}, {"class": "circle", "count": 2}]}
+    pos = RED_CIRCLE_LEFT_OF_BLUE_SQUARE
     assert evaluate([RED_LEFT, BLUE_RIGHT], pos) == (True, "")
     swapped = [det("circle", "red", BLUE_RIGHT.bbox), det("square", "blue", RED_LEFT.bbox)]
     ok, reason = evaluate(swapped, pos)
@@ -320,13 +323,6 @@ def test_calibration_reference_near_one_shuffled_near_chance():
     assert "shuffled" in cal.table()
 
 
-RED_CIRCLE_LEFT_OF_BLUE_SQUARE = {
-    "tag": "position", "prompt": "a photo of a red circle left of a blue square",
-    "include": [{"class": "square", "count": 1, "color": "blue"},
-                {"class": "circle", "count": 1, "color": "red", "position": ["left of", 0]}],
-    "exclude": [{"class": "square", "count": 2}, {"class": "circle", "count": 2}]}
-
-
 def test_miss_kind_names_the_first_broken_constraint():
     def kind(dets, meta=RED_CIRCLE_LEFT_OF_BLUE_SQUARE):
         correct, reason = evaluate(dets, meta)
@@ -357,3 +353,8 @@ def test_drawn_relation_and_shape_read_the_largest_object_of_each_colour():
     assert drawn_relation([red | {"shape": "triangle"}, blue, speck], pos) == {"left of"}
     assert drawn_shape([speck, red], pos["include"][1]) == "circle"
     assert drawn_shape([blue], pos["include"][1]) is None
+    # the verdict against the asked "left of": asked, opposite, a perpendicular relation, a colour missing
+    assert relation_verdict([red, blue], pos) == "asked"
+    assert relation_verdict([red | {"bbox": blue["bbox"]}, blue | {"bbox": red["bbox"]}], pos) == "opposite"
+    assert relation_verdict([red | {"bbox": (40, 2, 56, 18)}, blue | {"bbox": (40, 44, 56, 60)}], pos) == "neither"
+    assert relation_verdict([blue], pos) is None

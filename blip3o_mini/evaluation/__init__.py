@@ -13,7 +13,7 @@ misses.py     why an image missed (the first broken constraint), what was drawn 
 from .calibrate import Calibration, add_noise, calibrate, exact_fraction, gaussian_blur, same_objects
 from .detector import Detection, DetectorConfig, detect
 from .folder import read_geneval_folder, write_geneval_folder
-from .misses import MISS_KINDS, drawn_relation, drawn_shape, miss_kind
+from .misses import MISS_KINDS, drawn_relation, drawn_shape, miss_kind, relation_verdict
 from .prompts import (TAGS, make_prompts, prompt_from_scene, read_prompts, relative_position,
                       validate_metadata, write_prompts)
 from .reference import reference_images, reference_scene

@@ -20,6 +20,7 @@ missed image gets the kind of the first constraint it breaks:
 
 from __future__ import annotations
 
+from ..data.text import INVERSE
 from .prompts import relative_position
 
 MISS_KINDS = ("blank", "absent", "shape wrong", "colour wrong", "too few", "too many", "wrong place")
@@ -76,3 +77,14 @@ def drawn_relation(detections: list[dict], metadata: dict) -> set[str] | None:
     if a is None or b is None:
         return None
     return relative_position(a["bbox"], b["bbox"])
+
+
+def relation_verdict(detections: list[dict], metadata: dict) -> str | None:
+    """For a position prompt: "asked" when `drawn_relation` holds the asked relation, "opposite"
+    when it holds its inverse, "neither" when it holds no relation on that axis (a perpendicular
+    one, or none); None when either colour is missing."""
+    holds = drawn_relation(detections, metadata)
+    if holds is None:
+        return None
+    rel = metadata["include"][1]["position"][0]
+    return "asked" if rel in holds else "opposite" if INVERSE[rel] in holds else "neither"

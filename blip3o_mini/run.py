@@ -41,8 +41,8 @@ def data_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     if skipped:
         ds = datasets.load_from_disk(str(out / "shapesworld"))
     else:
-        ds = generate(out / "shapesworld", section.get("num_train", 10000),
-                      section.get("num_val", 1000), cfg.get("seed", 0))
+        ds = generate(out / "shapesworld", section.get("num_train", 10000), section.get("num_val", 1000),
+                      cfg.get("seed", 0), section.get("relation_rule", "horizontal_first"))
     summary = summarize(ds)
     print(summary)
     metrics = {"num_samples": summary.num_samples, "unseen_fraction": summary.unseen_fraction}

@@ -82,10 +82,12 @@ def special_tokens(fmt: ChatFormat) -> list[str]:
     return [fmt.pad, fmt.end_of_turn, fmt.image, *fmt.roles, *fmt.extra]
 
 
-def shapesworld_texts(rows: Iterable[dict], positions: bool = False, directions: bool = False) -> Iterable[str]:
+def shapesworld_texts(rows: Iterable[dict], positions: bool = False, directions: bool = False,
+                      rule: str = "horizontal_first") -> Iterable[str]:
     """Every caption, question and answer of dataset rows (+ the fixed prompts and role names),
     with `positions` also their position turns (`data.text.position_turns`) and with
-    `directions` their direction turns (`data.text.direction_turns`; both need rows' `objects`)."""
+    `directions` their direction turns (`data.text.direction_turns`, relations by `rule`; both
+    need rows' `objects`)."""
     yield CAPTION_PROMPT
     yield "system user assistant"
     for row in rows:
@@ -95,7 +97,7 @@ def shapesworld_texts(rows: Iterable[dict], positions: bool = False, directions:
         if positions:
             yield from (text for turn in position_turns(scene_of(row)) for text in turn)
         if directions:
-            yield from (text for turn in direction_turns(scene_of(row)) for text in turn)
+            yield from (text for turn in direction_turns(scene_of(row), rule) for text in turn)
 
 
 def build_tokenizer(texts: Iterable[str], chat_format: str = "toy",

@@ -31,7 +31,7 @@ from .report import resumed_note
 from .run import StageResult, finish_on_rank_zero, remove_stale_checkpoints
 from .training.compile import without_speed_keys
 from .training.distributed import stage_trainer_config
-from .training.understanding import UnderstandingTrainConfig, torch_threads
+from .training.understanding import UnderstandingTrainConfig, torch_threads, training_turns
 
 UNDERSTANDING_STAGE_VERSION = 1  # bump when this stage's outputs change meaning
 BACKBONE_DIR = "backbone"
@@ -84,8 +84,9 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
         backbone = QwenVLBackbone.from_pretrained(ucfg.pretrained)
     else:
         train_rows = ds["train"].select_columns(TRAIN_COLUMNS).to_list()
-        tokenizer = build_tokenizer(shapesworld_texts(train_rows, train_cfg.position_turns, train_cfg.direction_turns),
-                                    vocab_size=ucfg.vocab_size)
+        rule = cfg.get("data", {}).get("relation_rule", "horizontal_first")  # the rows' text was written by it
+        tokenizer = build_tokenizer(shapesworld_texts(train_rows, train_cfg.position_turns, train_cfg.direction_turns,
+                                                      rule), vocab_size=ucfg.vocab_size)
         features = load_split_features(clip.path, "train")  # (N, 64, D), frozen CLIP, cached
         bcfg = build(BackboneConfig, (ucfg.backbone or {}) | {"vision_dim": features.shape[-1],
                                                               "num_image_tokens": features.shape[1]})
@@ -103,7 +104,8 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
             seen = [i for i, r in enumerate(val_rows) if not r["unseen"]]
             held_out = (load_split_features(clip.path, "val")[seen], [val_rows[i] for i in seen])
         result = train_understanding(backbone, features, train_rows, train_cfg, ckpt_dir,
-                                     trainer=stage_trainer_config(cfg, train_cfg.precision), held_out=held_out)
+                                     trainer=stage_trainer_config(cfg, train_cfg.precision),
+                                     turns=training_turns(train_cfg, rule), held_out=held_out)
         backbone.encoder = load_encoder(clip.path).requires_grad_(False).eval()
         num_params = sum(p.numel() for n, p in backbone.named_parameters() if not n.startswith("encoder."))
         metrics |= result.metrics() | {

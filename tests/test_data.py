@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from blip3o_mini.data import (HELD_OUT, PALETTE, generate, make_sample, parse_caption, relation,
-                              render, scene_of, summarize, swap_places)
+from blip3o_mini.data import (HELD_OUT, PALETTE, RELATION_RULES, captions, generate, make_sample, parse_caption,
+                              relation, render, scene_at, scene_of, summarize, swap_places)
 from blip3o_mini.data.text import INVERSE, NUMBERS, scene_counter
 from blip3o_mini.data.world import MAX_SIZE, MIN_GAP, MIN_SIZE, Obj, Scene, shape_mask
 
@@ -91,8 +91,6 @@ def test_captions_parse_back_to_scene():
 def test_relation_captions_hold():
     scene = Scene((Obj("circle", "red", (2, 20, 16, 34)), Obj("square", "blue", (40, 22, 54, 36))))
     assert relation(*scene.objects) == "left of"
-    from blip3o_mini.data import captions
-
     assert "a red circle to the left of a blue square" in captions(scene)
     assert "a photo of a blue square right of a red circle" in captions(scene)
     near = Scene((Obj("circle", "red", (2, 2, 16, 16)), Obj("square", "blue", (6, 20, 20, 34))))
@@ -120,7 +118,56 @@ def test_swap_places_flips_the_relation_and_nothing_else():
         swap_places(Scene(scene.objects[:1]))
 
 
-def answer_from_scene(scene, question):
+def test_relation_rules_pick_the_axis_when_both_qualify():
+    a = Obj("circle", "red", (10, 2, 24, 16))  # centre (17, 9)
+    steep = Obj("square", "blue", (20, 30, 34, 44))  # centre (27, 37): 10 px across, 28 down
+    wide = Obj("square", "blue", (40, 12, 54, 26))  # centre (47, 19): 30 px across, 10 down
+    straight = Obj("square", "blue", (12, 30, 26, 44))  # centre (19, 37): 2 px across
+    close = Obj("square", "blue", (14, 4, 28, 18))  # centre (21, 11): under the margin both ways
+    assert [relation(a, b) for b in (steep, wide, straight, close)] == ["left of", "left of", "above", None]
+    assert [relation(a, b, "dominant_axis") for b in (steep, wide, straight, close)] == ["above", "left of", "above", None]
+    assert relation(steep, a, "dominant_axis") == "below" and relation(wide, a, "dominant_axis") == "right of"
+    with pytest.raises(ValueError, match="dominant_axis"):
+        relation(a, steep, "nearest")
+
+
+def test_dominant_axis_text_says_what_genevals_rule_holds():
+    """scripts/relation_rule.py's finding, pinned: under the toy's horizontal-first rule about a
+    quarter of "left of" / "right of" captions are pairs GenEval's rule calls only above / below;
+    under dominant_axis every caption's relation is one GenEval's rule holds."""
+    from blip3o_mini.evaluation.prompts import relative_position
+
+    pairs = [s.objects for s in (scene_at(0, "train", i) for i in range(1500)) if len(s.objects) == 2]
+    assert len(pairs) > 300
+    for rule, lo, hi in (("horizontal_first", 0.15, 0.40), ("dominant_axis", 0.0, 0.0)):
+        stated = [(r, x, y) for a, b in pairs for x, y in ((a, b), (b, a)) if (r := relation(x, y, rule))]
+        contradicted = sum(r not in relative_position(x.bbox, y.bbox) for r, x, y in stated)
+        assert lo <= contradicted / len(stated) <= hi, rule
+    vertical = sum(relation(a, b, "dominant_axis") in ("above", "below") for a, b in pairs)
+    assert 0.4 < vertical / len(pairs) < 0.6  # the two axes about equally often
+
+
+def test_relation_rule_changes_the_text_not_the_scene():
+    assert RELATION_RULES == ("horizontal_first", "dominant_axis")
+    changed = 0
+    for i in range(200):
+        old, new = make_sample(0, "train", i), make_sample(0, "train", i, "dominant_axis")
+        assert old["image"] == new["image"] and old["objects"] == new["objects"]
+        assert scene_of(new) == scene_at(0, "train", i)
+        assert new["captions"] == captions(scene_of(new), "dominant_axis")
+        for q, a in zip(new["questions"], new["answers"]):
+            assert answer_from_scene(scene_of(new), q, "dominant_axis") == a, (i, q)
+        changed += old["captions"] != new["captions"]
+    assert changed > 5  # the steep diagonal pairs
+
+
+def test_generate_rejects_an_unknown_relation_rule(tmp_path):
+    with pytest.raises(ValueError, match="data.relation_rule 'diagonal' is not one of"):
+        generate(tmp_path / "sw", 2, 1, relation_rule="diagonal")
+    assert not (tmp_path / "sw").exists()
+
+
+def answer_from_scene(scene, question, rule="horizontal_first"):
     """An independent oracle: re-derive each answer from the scene graph by reading the question."""
     words = question.rstrip("?").split()
     objs = scene.objects
@@ -138,7 +185,7 @@ def answer_from_scene(scene, question):
     a = next(o for o in objs if (o.color, o.shape) == (words[2], words[3]))
     b = next(o for o in objs if (o.color, o.shape) == (words[-2], words[-1]))
     asked = " ".join(words[4:-3])
-    return "yes" if relation(a, b) == asked else "no"
+    return "yes" if relation(a, b, rule) == asked else "no"
 
 
 def test_answers_match_scene_graph():
@@ -167,3 +214,27 @@ def test_generate_and_load(tmp_path):
 def test_generate_rejects_negative_counts(tmp_path):
     with pytest.raises(ValueError, match="num_train"):
         generate(tmp_path / "sw", -1, 5)
+
+
+def test_relation_rule_script(monkeypatch, capsys):
+    """scripts/relation_rule.py (docs/status.md, "The caption rule contradicts GenEval's"): its
+    counts add up, and the position ceiling is the prompts' mean of the per-word agreement."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "relation_rule.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--num-train", "600"])
+    module = runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    horizontal, dominant = out.split("relation_rule: ")[1:]
+    ceiling = lambda block: float(block.split("relation only): ")[1].split()[0])  # noqa: E731
+    assert ceiling(dominant) == 1.0 and 0.6 < ceiling(horizontal) < 1.0
+    assert dominant.count("(1.000)") == 4
+    scenes = [scene_at(0, "train", i) for i in range(600)]
+    stated = module["caption_relations"](scenes, "horizontal_first")
+    table = module["agreement"](stated)
+    assert table["left of"] == table["right of"] and table["above"][0] == table["above"][1]  # both orders; stacks agree
+    said, held = table["left of"]
+    assert f"{'left of':<9} {said:>8} {held:>8} ({held / said:.3f})" in horizontal
+    assert module["position_ceiling"](stated, ["left of", "above"]) == pytest.approx((held / said + 1) / 2)

@@ -155,6 +155,25 @@ def test_direction_turns_name_the_shown_relation_of_every_named_pair_after_the_o
         conversation({k: v for k, v in row.items() if k != "objects"}, directions=True)
 
 
+def test_relation_and_direction_turns_follow_the_datas_relation_rule():
+    """`data.relation_rule` reaches the understanding stage's extra turns (`training_turns`), so
+    they state the relation the rows' own captions and questions state."""
+    from blip3o_mini.data.dataset import scene_of
+    from blip3o_mini.training.understanding import training_turns
+
+    # red circle centre (17, 9), blue square (27, 37): 10 px across, 28 down
+    objects = [{"shape": "circle", "color": "red", "bbox": [10, 2, 24, 16]},
+               {"shape": "square", "color": "blue", "bbox": [20, 30, 34, 44]}]
+    row = {"captions": ["a red circle and a blue square"], "questions": [], "answers": [], "objects": objects}
+    cfg = UnderstandingTrainConfig(relation_turns=True, direction_turns=True)
+    for rule, words in (("horizontal_first", {"left", "right"}), ("dominant_axis", {"above", "below"})):
+        *_, relation_turn, direction_turn = training_turns(cfg, rule)(row)
+        assert direction_turn[1] in words, rule
+        assert any(f" {w} " in relation_turn[0] for w in words), relation_turn  # asked on the same axis
+    assert training_turns(cfg)(row) == training_turns(cfg, "horizontal_first")(row)  # the toy's rule by default
+    assert scene_of(row).objects[0].center == (17.0, 9.0)
+
+
 def test_count_turns_count_every_shape_not_yet_asked():
     from blip3o_mini.data.dataset import scene_of
     from blip3o_mini.data.text import count_turns

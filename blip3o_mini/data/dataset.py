@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .text import captions, questions
-from .world import Scene, render, sample_scene
+from .world import RELATION_RULES, Scene, render, sample_scene
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 # Training splits never contain a held-out composition; evaluation splits may.
@@ -27,18 +27,30 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
-def make_sample(seed: int, split: str, index: int) -> dict:
-    """One sample as a plain dict (image as PNG bytes), fully determined by its arguments."""
+def _sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
-    rng = np.random.default_rng([seed, SPLITS[split], index])
+    return np.random.default_rng([seed, SPLITS[split], index])
+
+
+def scene_at(seed: int, split: str, index: int) -> Scene:
+    """The scene graph of `make_sample(seed, split, index)`, without rendering or text."""
+    return sample_scene(_sample_rng(seed, split, index), allow_unseen=ALLOWS_UNSEEN[split])
+
+
+def make_sample(seed: int, split: str, index: int, relation_rule: str = "horizontal_first") -> dict:
+    """One sample as a plain dict (image as PNG bytes), fully determined by its arguments.
+
+    `relation_rule` says which relation its text states for a pair apart on both axes
+    (`world.RELATION_RULES`); the scene and image do not depend on it."""
+    rng = _sample_rng(seed, split, index)
     allow = ALLOWS_UNSEEN[split]
     scene = sample_scene(rng, allow_unseen=allow)
-    qa = questions(scene, rng, allow_unseen=allow)
+    qa = questions(scene, rng, allow_unseen=allow, rule=relation_rule)
     return {
         "id": f"{split}-{index:06d}",
         "image": {"bytes": png_bytes(render(scene)), "path": None},
-        "captions": captions(scene),
+        "captions": captions(scene, relation_rule),
         "objects": scene.to_dict()["objects"],
         "questions": [q["question"] for q in qa],
         "answers": [q["answer"] for q in qa],
@@ -64,11 +76,11 @@ def features():
     })
 
 
-def generate_split(seed: int, split: str, num_samples: int):
-    """A `datasets.Dataset` of `num_samples` ShapesWorld samples."""
+def generate_split(seed: int, split: str, num_samples: int, relation_rule: str = "horizontal_first"):
+    """A `datasets.Dataset` of `num_samples` ShapesWorld samples (`make_sample`)."""
     import datasets
 
-    rows = [make_sample(seed, split, i) for i in range(num_samples)]
+    rows = [make_sample(seed, split, i, relation_rule) for i in range(num_samples)]
     columns = {k: [r[k] for r in rows] for k in features()}
     return datasets.Dataset.from_dict(columns, features=features())
 
@@ -109,15 +121,18 @@ def summarize(ds) -> Summary:
     return Summary(n, unseen, objs, dict(sorted(qtypes.items())))
 
 
-def generate(out: str | Path, num_train: int, num_val: int, seed: int = 0):
+def generate(out: str | Path, num_train: int, num_val: int, seed: int = 0,
+             relation_rule: str = "horizontal_first"):
     """Write `train` and `val` splits to `out` (`datasets.load_from_disk`-able); return them."""
     import datasets
 
     if num_train < 0 or num_val < 0:
         raise ValueError(f"sample counts must be >= 0, got num_train={num_train}, num_val={num_val}")
+    if relation_rule not in RELATION_RULES:
+        raise ValueError(f"data.relation_rule {relation_rule!r} is not one of {RELATION_RULES}")
     ds = datasets.DatasetDict({
-        "train": generate_split(seed, "train", num_train),
-        "val": generate_split(seed, "val", num_val),
+        "train": generate_split(seed, "train", num_train, relation_rule),
+        "val": generate_split(seed, "val", num_val, relation_rule),
     })
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")

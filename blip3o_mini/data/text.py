@@ -51,13 +51,14 @@ def _groups(objs: tuple[Obj, ...], with_color: bool) -> list[str]:
     return [noun_phrase(counts[k], k[1], k[0]) for k in seen]
 
 
-def captions(scene: Scene) -> list[str]:
-    """Paraphrases describing the scene; the first is the canonical one."""
+def captions(scene: Scene, rule: str = "horizontal_first") -> list[str]:
+    """Paraphrases describing the scene; the first is the canonical one. A two-object scene's
+    relation is stated by `rule` (`world.RELATION_RULES`)."""
     listed = join(_groups(scene.objects, with_color=True))
     out = [listed, f"a photo of {listed}"]
     if len(scene.objects) == 2:
         a, b = sorted(scene.objects, key=lambda o: o.center[0])
-        rel = relation(a, b)
+        rel = relation(a, b, rule)
         if rel is not None:
             pa, pb = noun_phrase(1, a.shape, a.color), noun_phrase(1, b.shape, b.color)
             # Both orders, so every relation word ("right of", "below") appears in training text.
@@ -98,9 +99,9 @@ def _named(scene: Scene) -> list[Obj]:
     return [o for o in scene.objects if counts[o.color, o.shape] == 1]
 
 
-def _ask_relation(a: Obj, b: Obj, rng: np.random.Generator) -> tuple[str, str]:
+def _ask_relation(a: Obj, b: Obj, rng: np.random.Generator, rule: str) -> tuple[str, str]:
     """"is A <relation> B?" -> yes, or with the inverse relation -> no, by a fair coin."""
-    rel = relation(a, b)
+    rel = relation(a, b, rule)
     asked, answer = (rel, "yes") if rng.random() < 0.5 else (INVERSE[rel], "no")
     return f"is {_the(a)} {asked} {_the(b)}?", answer
 
@@ -110,11 +111,13 @@ def _ask_count(shape: str, shape_counts: Counter) -> tuple[str, str]:
     return f"how many {plural(shape)} are there?", NUMBERS[shape_counts[shape]]
 
 
-def questions(scene: Scene, rng: np.random.Generator, allow_unseen: bool = False) -> list[dict]:
+def questions(scene: Scene, rng: np.random.Generator, allow_unseen: bool = False,
+              rule: str = "horizontal_first") -> list[dict]:
     """Question-answer pairs of five types with one-word answers, exact from the scene graph.
 
     Each item: {"question", "answer", "type"}. Questions never name a held-out composition
-    unless `allow_unseen` (so training text never mentions one).
+    unless `allow_unseen` (so training text never mentions one). Relations follow `rule`
+    (`world.RELATION_RULES`).
     """
     objs = scene.objects
     qa: list[dict] = []
@@ -143,10 +146,10 @@ def questions(scene: Scene, rng: np.random.Generator, allow_unseen: bool = False
     add(f"is there {with_article(c)} {s}?", "no", "existence")
 
     unique = _named(scene)
-    pairs = [(a, b) for a in unique for b in unique if a is not b and relation(a, b)]
+    pairs = [(a, b) for a in unique for b in unique if a is not b and relation(a, b, rule)]
     if pairs:
         a, b = pairs[int(rng.integers(len(pairs)))]
-        add(*_ask_relation(a, b, rng), "relation")
+        add(*_ask_relation(a, b, rng, rule), "relation")
     return qa
 
 
@@ -165,7 +168,7 @@ def position_turns(scene: Scene) -> list[tuple[str, str]]:
     return turns
 
 
-def _related_pairs(scene: Scene, rng: np.random.Generator):
+def _related_pairs(scene: Scene, rng: np.random.Generator, rule: str):
     """Each pair of uniquely named objects that stands in a relation, once: (x, y, relation of x
     to y), the pair's order drawn from `rng` as the pairs are consumed (a caller may draw from
     the same `rng` between pairs)."""
@@ -173,11 +176,11 @@ def _related_pairs(scene: Scene, rng: np.random.Generator):
     for i, a in enumerate(unique):
         for b in unique[i + 1:]:
             x, y = (b, a) if rng.random() < 0.5 else (a, b)
-            if (rel := relation(x, y)) is not None:
+            if (rel := relation(x, y, rule)) is not None:
                 yield x, y, rel
 
 
-def relation_turns(scene: Scene) -> list[tuple[str, str]]:
+def relation_turns(scene: Scene, rule: str = "horizontal_first") -> list[tuple[str, str]]:
     """Every relation the scene states, asked once per pair of uniquely named objects:
     "is the red circle left of the blue square?" -> yes, or its inverse -> no.
 
@@ -186,10 +189,10 @@ def relation_turns(scene: Scene) -> list[tuple[str, str]]:
     order and the yes / no side are drawn from a hash of the scene, so a row packs the same turns
     every time it is built."""
     rng = np.random.default_rng(zlib.crc32(repr(scene.objects).encode()))
-    return [_ask_relation(x, y, rng) for x, y, _ in _related_pairs(scene, rng)]  # order coin, then yes / no coin
+    return [_ask_relation(x, y, rng, rule) for x, y, _ in _related_pairs(scene, rng, rule)]  # order coin, then yes / no coin
 
 
-def direction_turns(scene: Scene) -> list[tuple[str, str]]:
+def direction_turns(scene: Scene, rule: str = "horizontal_first") -> list[tuple[str, str]]:
     """Where each uniquely named object is from each other one, asked once per pair:
     "where is the red circle from the blue square?" -> "left", "right", "above" or "below".
 
@@ -201,7 +204,7 @@ def direction_turns(scene: Scene) -> list[tuple[str, str]]:
     (docs/status.md). These turns ask for the shown relation itself, a target with a slope from
     the first step. Pair order comes from a hash of the scene, as in `relation_turns`."""
     rng = np.random.default_rng(zlib.crc32(repr(scene.objects).encode()) + 1)
-    return [(f"where is {_the(x)} from {_the(y)}?", rel.split()[0]) for x, y, rel in _related_pairs(scene, rng)]
+    return [(f"where is {_the(x)} from {_the(y)}?", rel.split()[0]) for x, y, rel in _related_pairs(scene, rng, rule)]
 
 
 def count_turns(scene: Scene, asked: tuple[str, ...] = ()) -> list[tuple[str, str]]:

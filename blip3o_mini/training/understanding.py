@@ -86,18 +86,21 @@ def torch_threads(num_threads: int | None):
 
 
 def conversation(row: dict, caption_prompt: str = CAPTION_PROMPT, positions: bool = False,
-                 relations: bool = False, counts: bool = False, directions: bool = False) -> list[tuple[str, str]]:
+                 relations: bool = False, counts: bool = False, directions: bool = False,
+                 rule: str = "horizontal_first") -> list[tuple[str, str]]:
     """An image's training turns: captioning as a question, then its question-answer pairs,
     then with `positions` where each object is (`position_turns`), with `relations` every
     pair's relation (`relation_turns`), with `counts` every shape's count not yet asked
     (`count_turns`), with `directions` where each named object is from each other one
-    (`direction_turns`); these need the row's scene graph (`objects`)."""
+    (`direction_turns`); these need the row's scene graph (`objects`), and state relations by
+    `rule`, the rule the rows' own text was written with (`data.relation_rule`)."""
     turns = [(caption_prompt, row["captions"][0]), *zip(row["questions"], row["answers"])]
     # In this order; directions last, so no relation question can read a direction's answer
     extras = [(name, make) for flag, name, make in (
-        (positions, "position_turns", position_turns), (relations, "relation_turns", relation_turns),
+        (positions, "position_turns", position_turns),
+        (relations, "relation_turns", lambda scene: relation_turns(scene, rule)),
         (counts, "count_turns", lambda scene: count_turns(scene, tuple(row["questions"]))),
-        (directions, "direction_turns", direction_turns)) if flag]
+        (directions, "direction_turns", lambda scene: direction_turns(scene, rule))) if flag]
     if extras and "objects" not in row:
         raise ValueError(f"{extras[0][0]} needs each row's scene graph (`objects`); ShapesWorld rows carry "
                          f"it, WebDataset shards do not: set understanding.train.{extras[0][0]}: false")
@@ -105,10 +108,11 @@ def conversation(row: dict, caption_prompt: str = CAPTION_PROMPT, positions: boo
     return turns + [turn for _, make in extras for turn in make(scene)]
 
 
-def training_turns(cfg: UnderstandingTrainConfig) -> Callable[[dict], list[tuple[str, str]]]:
-    """A row's training turns under `cfg`: `conversation` with the turns its flags switch on."""
+def training_turns(cfg: UnderstandingTrainConfig, rule: str = "horizontal_first") -> Callable[[dict], list[tuple[str, str]]]:
+    """A row's training turns under `cfg`: `conversation` with the turns its flags switch on,
+    relations stated by `rule` (`data.relation_rule`)."""
     return functools.partial(conversation, positions=cfg.position_turns, relations=cfg.relation_turns,
-                             counts=cfg.count_turns, directions=cfg.direction_turns)
+                             counts=cfg.count_turns, directions=cfg.direction_turns, rule=rule)
 
 
 class PackedConversations(Dataset):

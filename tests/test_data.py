@@ -214,6 +214,8 @@ def test_generate_and_load(tmp_path):
 def test_generate_rejects_negative_counts(tmp_path):
     with pytest.raises(ValueError, match="num_train"):
         generate(tmp_path / "sw", -1, 5)
+    with pytest.raises(ValueError, match="num_val=0"):  # an empty split saves, then cannot be read back
+        generate(tmp_path / "sw", 5, 0)
 
 
 def test_relation_rule_script(monkeypatch, capsys):

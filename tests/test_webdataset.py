@@ -190,9 +190,21 @@ def test_cli_writes_shards(tmp_path, capsys):
     assert "train: 3 WebDataset shard(s)" in capsys.readouterr().out
 
 
+def test_cli_writes_the_relation_rule_asked(tmp_path):
+    import datasets
+
+    assert cli.main(["data", "--out", str(tmp_path / "ds"), "--num-train", "30", "--num-val", "1",
+                     "--relation-rule", "dominant_axis"]) == 0
+    train = datasets.load_from_disk(str(tmp_path / "ds"))["train"]
+    assert train["captions"] == [make_sample(0, "train", i, "dominant_axis")["captions"] for i in range(30)]
+    assert train["captions"] != [make_sample(0, "train", i)["captions"] for i in range(30)]
+
+
 @pytest.mark.parametrize("argv, fragment", [
-    (["--num-train", "-1"], "--num-train: must be a non-negative integer, got -1"),
+    (["--num-train", "-1"], "--num-train: must be a positive integer, got -1"),
+    (["--num-val", "0"], "--num-val: must be a positive integer, got 0"),
     (["--samples-per-shard", "0"], "--samples-per-shard: must be at least 1 sample per shard"),
+    (["--relation-rule", "diagonal"], "--relation-rule: invalid choice: 'diagonal'"),
 ])
 def test_cli_rejects_bad_counts(tmp_path, capsys, argv, fragment):
     with pytest.raises(SystemExit) as exit_info:

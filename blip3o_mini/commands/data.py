@@ -1,14 +1,16 @@
-"""`blip3o-mini data --out DIR --num-train N --num-val M --seed S [--shards DIR]`."""
+"""`blip3o-mini data --out DIR --num-train N --num-val M --seed S [--relation-rule R] [--shards DIR]`."""
 
 from __future__ import annotations
 
 import argparse
 
+from blip3o_mini.data.world import RELATION_RULES
+
 
 def positive_int(text: str) -> int:
     value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    if value < 1:  # `datasets` cannot read back a split saved empty
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
@@ -24,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-train", type=positive_int, default=10000)
     p.add_argument("--num-val", type=positive_int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--relation-rule", choices=RELATION_RULES, default=RELATION_RULES[0],
+                   help="which relation the text states for a pair apart on both axes (data.relation_rule)")
     p.add_argument("--shards", default=None,
                    help="also export WebDataset .tar shards (jpg + txt + json) to this directory")
     p.add_argument("--samples-per-shard", type=shard_size, default=1000)
@@ -32,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from blip3o_mini.data import generate, summarize
 
-    ds = generate(args.out, args.num_train, args.num_val, args.seed)
+    ds = generate(args.out, args.num_train, args.num_val, args.seed, args.relation_rule)
     print(f"ShapesWorld written to {args.out} (seed {args.seed})")
     print(summarize(ds))
     if args.shards:

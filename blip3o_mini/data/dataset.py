@@ -126,8 +126,8 @@ def generate(out: str | Path, num_train: int, num_val: int, seed: int = 0,
     """Write `train` and `val` splits to `out` (`datasets.load_from_disk`-able); return them."""
     import datasets
 
-    if num_train < 0 or num_val < 0:
-        raise ValueError(f"sample counts must be >= 0, got num_train={num_train}, num_val={num_val}")
+    if num_train < 1 or num_val < 1:  # `datasets` cannot read back a split saved empty
+        raise ValueError(f"sample counts must be >= 1, got num_train={num_train}, num_val={num_val}")
     if relation_rule not in RELATION_RULES:
         raise ValueError(f"data.relation_rule {relation_rule!r} is not one of {RELATION_RULES}")
     ds = datasets.DatasetDict({

@@ -48,10 +48,13 @@ def main() -> None:
     from blip3o_mini.data.text import direction_turns, position_turns
     from blip3o_mini.evaluation.vqa import answer_pairs
     from blip3o_mini.features import load_split_features
+    from blip3o_mini.run import run_config
     from blip3o_mini.understanding_stage import load_understanding
 
     for run in (d.expanduser() for d in args.run_dirs):
         backbone = load_understanding(run)
+        # the relation rule the run's text was written with (data.relation_rule), so the turns match it
+        rule = run_config(run).get("data", {}).get("relation_rule", "horizontal_first")
         columns = ["questions", "answers", "question_types", "objects", "unseen"]
         rows = datasets.load_from_disk(str(run / "data" / "shapesworld"))["val"].select_columns(columns)
         rows = rows.select(range(min(args.scenes, len(rows)))).to_list()
@@ -62,7 +65,7 @@ def main() -> None:
             if row["unseen"]:
                 continue
             scene = scene_of(row)
-            turns = direction_turns(scene)
+            turns = direction_turns(scene, rule)
             guesses = one_object_guesses(scene, turns)
             one += guesses[0]
             both += guesses[1]

@@ -32,6 +32,7 @@ class StageResult:
 
 def data_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     from .data import generate, summarize
+    from .data.world import DEFAULT_RELATION_RULE
     import datasets
 
     section = cfg.get("data", {})
@@ -42,7 +43,7 @@ def data_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
         ds = datasets.load_from_disk(str(out / "shapesworld"))
     else:
         ds = generate(out / "shapesworld", section.get("num_train", 10000), section.get("num_val", 1000),
-                      cfg.get("seed", 0), section.get("relation_rule", "horizontal_first"))
+                      cfg.get("seed", 0), section.get("relation_rule", DEFAULT_RELATION_RULE))
     summary = summarize(ds)
     print(summary)
     metrics = {"num_samples": summary.num_samples, "unseen_fraction": summary.unseen_fraction}

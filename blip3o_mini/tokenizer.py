@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerFast
 
 from .data.dataset import scene_of
 from .data.text import direction_turns, position_turns
+from .data.world import DEFAULT_RELATION_RULE
 
 IMG_MARKER = "[IMG]"  # BLIP3-o: what follows this marker is the image to generate (stage 2)
 CAPTION_PROMPT = "describe the image."  # captioning is VQA with this question (LLaVA style)
@@ -83,7 +84,7 @@ def special_tokens(fmt: ChatFormat) -> list[str]:
 
 
 def shapesworld_texts(rows: Iterable[dict], positions: bool = False, directions: bool = False,
-                      rule: str = "horizontal_first") -> Iterable[str]:
+                      rule: str = DEFAULT_RELATION_RULE) -> Iterable[str]:
     """Every caption, question and answer of dataset rows (+ the fixed prompts and role names),
     with `positions` also their position turns (`data.text.position_turns`) and with
     `directions` their direction turns (`data.text.direction_turns`, relations by `rule`; both

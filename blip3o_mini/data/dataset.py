@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .text import captions, questions
-from .world import RELATION_RULES, Scene, render, sample_scene
+from .world import DEFAULT_RELATION_RULE, RELATION_RULES, Scene, render, sample_scene
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 # Training splits never contain a held-out composition; evaluation splits may.
@@ -38,7 +38,7 @@ def scene_at(seed: int, split: str, index: int) -> Scene:
     return sample_scene(_sample_rng(seed, split, index), allow_unseen=ALLOWS_UNSEEN[split])
 
 
-def make_sample(seed: int, split: str, index: int, relation_rule: str = "horizontal_first") -> dict:
+def make_sample(seed: int, split: str, index: int, relation_rule: str = DEFAULT_RELATION_RULE) -> dict:
     """One sample as a plain dict (image as PNG bytes), fully determined by its arguments.
 
     `relation_rule` says which relation its text states for a pair apart on both axes
@@ -76,7 +76,7 @@ def features():
     })
 
 
-def generate_split(seed: int, split: str, num_samples: int, relation_rule: str = "horizontal_first"):
+def generate_split(seed: int, split: str, num_samples: int, relation_rule: str = DEFAULT_RELATION_RULE):
     """A `datasets.Dataset` of `num_samples` ShapesWorld samples (`make_sample`)."""
     import datasets
 
@@ -122,7 +122,7 @@ def summarize(ds) -> Summary:
 
 
 def generate(out: str | Path, num_train: int, num_val: int, seed: int = 0,
-             relation_rule: str = "horizontal_first"):
+             relation_rule: str = DEFAULT_RELATION_RULE):
     """Write `train` and `val` splits to `out` (`datasets.load_from_disk`-able); return them."""
     import datasets
 

@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 
-from .world import COLORS, HELD_OUT, IMAGE_SIZE, SHAPES, Obj, Scene, relation
+from .world import COLORS, DEFAULT_RELATION_RULE, HELD_OUT, IMAGE_SIZE, SHAPES, Obj, Scene, relation
 
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
 QUESTION_TYPES = ("color", "shape", "count", "relation", "existence")
@@ -51,7 +51,7 @@ def _groups(objs: tuple[Obj, ...], with_color: bool) -> list[str]:
     return [noun_phrase(counts[k], k[1], k[0]) for k in seen]
 
 
-def captions(scene: Scene, rule: str = "horizontal_first") -> list[str]:
+def captions(scene: Scene, rule: str = DEFAULT_RELATION_RULE) -> list[str]:
     """Paraphrases describing the scene; the first is the canonical one. A two-object scene's
     relation is stated by `rule` (`world.RELATION_RULES`)."""
     listed = join(_groups(scene.objects, with_color=True))
@@ -112,7 +112,7 @@ def _ask_count(shape: str, shape_counts: Counter) -> tuple[str, str]:
 
 
 def questions(scene: Scene, rng: np.random.Generator, allow_unseen: bool = False,
-              rule: str = "horizontal_first") -> list[dict]:
+              rule: str = DEFAULT_RELATION_RULE) -> list[dict]:
     """Question-answer pairs of five types with one-word answers, exact from the scene graph.
 
     Each item: {"question", "answer", "type"}. Questions never name a held-out composition
@@ -180,7 +180,7 @@ def _related_pairs(scene: Scene, rng: np.random.Generator, rule: str):
                 yield x, y, rel
 
 
-def relation_turns(scene: Scene, rule: str = "horizontal_first") -> list[tuple[str, str]]:
+def relation_turns(scene: Scene, rule: str = DEFAULT_RELATION_RULE) -> list[tuple[str, str]]:
     """Every relation the scene states, asked once per pair of uniquely named objects:
     "is the red circle left of the blue square?" -> yes, or its inverse -> no.
 
@@ -192,7 +192,7 @@ def relation_turns(scene: Scene, rule: str = "horizontal_first") -> list[tuple[s
     return [_ask_relation(x, y, rng, rule) for x, y, _ in _related_pairs(scene, rng, rule)]  # order coin, then yes / no coin
 
 
-def direction_turns(scene: Scene, rule: str = "horizontal_first") -> list[tuple[str, str]]:
+def direction_turns(scene: Scene, rule: str = DEFAULT_RELATION_RULE) -> list[tuple[str, str]]:
     """Where each uniquely named object is from each other one, asked once per pair:
     "where is the red circle from the blue square?" -> "left", "right", "above" or "below".
 

@@ -82,9 +82,10 @@ class Scene:
 # "dominant_axis": the axis with the larger centre offset wins, so every stated relation is one
 #   GenEval's rule also holds and the two axes are stated about equally often.
 RELATION_RULES = ("horizontal_first", "dominant_axis")
+DEFAULT_RELATION_RULE = "horizontal_first"  # the toy's (`data.relation_rule` left out)
 
 
-def relation(a: Obj, b: Obj, rule: str = "horizontal_first") -> str | None:
+def relation(a: Obj, b: Obj, rule: str = DEFAULT_RELATION_RULE) -> str | None:
     """The relation of `a` to `b` ("left of", ...) if one axis separates them by the margin.
 
     Every pair has at most one stated relation; `rule` picks it when both axes qualify

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..backbone import ToyBackbone
 from ..data.dataset import scene_of
 from ..data.text import QUESTION_TYPES, count_turns, direction_turns, position_turns, relation_turns
+from ..data.world import DEFAULT_RELATION_RULE
 from ..tokenizer import CAPTION_PROMPT
 from .attention_kernel import runs_on_cpu
 from .clip import TrainResult  # the same result record as the CLIP and generation recipes
@@ -87,7 +88,7 @@ def torch_threads(num_threads: int | None):
 
 def conversation(row: dict, caption_prompt: str = CAPTION_PROMPT, positions: bool = False,
                  relations: bool = False, counts: bool = False, directions: bool = False,
-                 rule: str = "horizontal_first") -> list[tuple[str, str]]:
+                 rule: str = DEFAULT_RELATION_RULE) -> list[tuple[str, str]]:
     """An image's training turns: captioning as a question, then its question-answer pairs,
     then with `positions` where each object is (`position_turns`), with `relations` every
     pair's relation (`relation_turns`), with `counts` every shape's count not yet asked
@@ -108,7 +109,7 @@ def conversation(row: dict, caption_prompt: str = CAPTION_PROMPT, positions: boo
     return turns + [turn for _, make in extras for turn in make(scene)]
 
 
-def training_turns(cfg: UnderstandingTrainConfig, rule: str = "horizontal_first") -> Callable[[dict], list[tuple[str, str]]]:
+def training_turns(cfg: UnderstandingTrainConfig, rule: str = DEFAULT_RELATION_RULE) -> Callable[[dict], list[tuple[str, str]]]:
     """A row's training turns under `cfg`: `conversation` with the turns its flags switch on,
     relations stated by `rule` (`data.relation_rule`)."""
     return functools.partial(conversation, positions=cfg.position_turns, relations=cfg.relation_turns,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from blip3o_mini.data.world import RELATION_RULES
+from blip3o_mini.data.world import DEFAULT_RELATION_RULE, RELATION_RULES
 
 
 def positive_int(text: str) -> int:
@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-train", type=positive_int, default=10000)
     p.add_argument("--num-val", type=positive_int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--relation-rule", choices=RELATION_RULES, default=RELATION_RULES[0],
+    p.add_argument("--relation-rule", choices=RELATION_RULES, default=DEFAULT_RELATION_RULE,
                    help="which relation the text states for a pair apart on both axes (data.relation_rule)")
     p.add_argument("--shards", default=None,
                    help="also export WebDataset .tar shards (jpg + txt + json) to this directory")

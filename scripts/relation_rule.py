@@ -18,51 +18,19 @@ for each rule:
   word | the caption says it); averaged over the position prompts' relation words, that is the
   most its position accuracy can be even with every shape and colour right.
 
-It runs in a few seconds.
+The counting is `blip3o_mini.evaluation.caption_agreement`'s. It runs in a few seconds.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections import Counter
-
-
-def caption_relations(scenes, rule: str) -> list[tuple[str, set[str]]]:
-    """(word the caption says, GenEval's relations of the same ordered pair) for both orders of
-    every related two-object scene, as `data.text.captions` states them."""
-    from blip3o_mini.data import relation
-    from blip3o_mini.evaluation.prompts import relative_position
-
-    out = []
-    for scene in scenes:
-        if len(scene.objects) != 2:
-            continue
-        a, b = scene.objects
-        for x, y in ((a, b), (b, a)):
-            if (word := relation(x, y, rule)) is not None:
-                out.append((word, relative_position(x.bbox, y.bbox)))
-    return out
-
-
-def agreement(stated: list[tuple[str, set[str]]]) -> dict[str, tuple[int, int]]:
-    """Per relation word: (captions saying it, of which GenEval's rule holds it too)."""
-    said, held = Counter(), Counter()
-    for word, geneval in stated:
-        said[word] += 1
-        held[word] += word in geneval
-    return {w: (said[w], held[w]) for w in said}
-
-
-def position_ceiling(stated, prompt_words: list[str]) -> float:
-    """Mean over prompts of P(GenEval holds the word | a caption says it)."""
-    table = agreement(stated)
-    return sum(table[w][1] / table[w][0] for w in prompt_words) / len(prompt_words)
 
 
 def main(argv=None) -> None:
     from blip3o_mini.config import load_config
     from blip3o_mini.data import RELATION_RULES, relation, scene_at
     from blip3o_mini.data.world import RELATIONS
+    from blip3o_mini.evaluation.caption_agreement import agreement, caption_relations, position_ceiling
     from blip3o_mini.evaluation.prompts import DEFAULT_PROMPTS_FILE, read_prompts, relative_position
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

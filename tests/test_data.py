@@ -222,21 +222,23 @@ def test_relation_rule_script(monkeypatch, capsys):
     """scripts/relation_rule.py (docs/status.md, "The caption rule contradicts GenEval's"): its
     counts add up, and the position ceiling is the prompts' mean of the per-word agreement."""
     import runpy
+
+    from blip3o_mini.evaluation.caption_agreement import agreement, caption_relations, position_ceiling
     import sys
     from pathlib import Path
 
     script = Path(__file__).parents[1] / "scripts" / "relation_rule.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--num-train", "600"])
-    module = runpy.run_path(str(script), run_name="__main__")
+    runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
     horizontal, dominant = out.split("relation_rule: ")[1:]
     ceiling = lambda block: float(block.split("relation only): ")[1].split()[0])  # noqa: E731
     assert ceiling(dominant) == 1.0 and 0.6 < ceiling(horizontal) < 1.0
     assert dominant.count("(1.000)") == 4
     scenes = [scene_at(0, "train", i) for i in range(600)]
-    stated = module["caption_relations"](scenes, "horizontal_first")
-    table = module["agreement"](stated)
+    stated = caption_relations(scenes, "horizontal_first")
+    table = agreement(stated)
     assert table["left of"] == table["right of"] and table["above"][0] == table["above"][1]  # both orders; stacks agree
     said, held = table["left of"]
     assert f"{'left of':<9} {said:>8} {held:>8} ({held / said:.3f})" in horizontal
-    assert module["position_ceiling"](stated, ["left of", "above"]) == pytest.approx((held / said + 1) / 2)
+    assert position_ceiling(stated, ["left of", "above"]) == pytest.approx((held / said + 1) / 2)

@@ -8,8 +8,10 @@ reference.py  ground-truth renders of a prompt (the "perfect generator")
 score.py      GenEval's per-image rule, per-tag and overall accuracy, seen / unseen
 calibrate.py  reference ~1.0, shuffled ~chance, blurred / noisy still high
 misses.py     why an image missed (the first broken constraint), what was drawn for a colour
+caption_agreement.py  how often the training captions' relation is one GenEval's rule holds
 """
 
+from .caption_agreement import agreement, caption_relations, position_ceiling
 from .calibrate import Calibration, add_noise, calibrate, exact_fraction, gaussian_blur, same_objects
 from .detector import Detection, DetectorConfig, detect
 from .folder import read_geneval_folder, write_geneval_folder

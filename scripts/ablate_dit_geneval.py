@@ -211,15 +211,18 @@ def relation_negatives(gen, run: Path) -> dict:
     from blip3o_mini.data import relation, render, scene_of, swap_places
     from blip3o_mini.data.tensors import images_uint8
     from blip3o_mini.data.text import INVERSE
+    from blip3o_mini.data.world import DEFAULT_RELATION_RULE
     from blip3o_mini.features import extract_features, load_encoder
+    from blip3o_mini.run import run_config
 
     train = datasets.load_from_disk(str(run / "data" / "shapesworld"))["train"]
     scenes = [scene_of({"objects": r}) for r in train["objects"]]  # the graphs alone: no image decoding
+    rule = run_config(run).get("data", {}).get("relation_rule", DEFAULT_RELATION_RULE)  # as its captions state it
     index, images = torch.full((len(scenes),), -1), []
     for r, scene in enumerate(scenes):
-        if len(scene.objects) == 2 and (rel := relation(*scene.objects)) is not None:
+        if len(scene.objects) == 2 and (rel := relation(*scene.objects, rule)) is not None:
             swapped = swap_places(scene)
-            if relation(*swapped.objects) == INVERSE[rel]:  # 0.6% do not flip once kept inside the canvas
+            if relation(*swapped.objects, rule) == INVERSE[rel]:  # 0.6% do not flip once kept inside the canvas
                 index[r] = len(images)
                 images.append(render(swapped))
     if not images:

@@ -34,21 +34,24 @@ import argparse
 import json
 from pathlib import Path
 
+from blip3o_mini.data.world import DEFAULT_RELATION_RULE
+
 EDITS = ("true", "relation flipped", "colours swapped", "other scene", "null")
 T_BINS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
 
 
-def relation_prompts(scene) -> list[tuple[str, str, str]]:
+def relation_prompts(scene, rule: str = DEFAULT_RELATION_RULE) -> list[tuple[str, str, str]]:
     """(true, relation flipped, colours swapped) prompts of a two-object scene in a relation,
-    in both word orders; [] for any other scene."""
+    in both word orders, the relation stated by `rule` as the run's captions state it
+    (`data.relation_rule`); [] for any other scene."""
     from blip3o_mini.data.text import INVERSE, noun_phrase
     from blip3o_mini.data.world import relation
 
-    if len(scene.objects) != 2 or relation(*scene.objects) is None:
+    if len(scene.objects) != 2 or relation(*scene.objects, rule) is None:
         return []
     out = []
     for a, b in (scene.objects, scene.objects[::-1]):
-        rel = relation(a, b)
+        rel = relation(a, b, rule)
         pa, pb = noun_phrase(1, a.shape, a.color), noun_phrase(1, b.shape, b.color)
         sa, sb = noun_phrase(1, a.shape, b.color), noun_phrase(1, b.shape, a.color)
         out.append((f"a photo of {pa} {rel} {pb}", f"a photo of {pa} {INVERSE[rel]} {pb}",
@@ -99,16 +102,16 @@ def edit_losses(gen, q: dict, rows: list[tuple], feats, draws: int, generator, t
     return losses, times, moves
 
 
-def pair_keys(scene) -> dict[str, tuple]:
+def pair_keys(scene, rule: str = DEFAULT_RELATION_RULE) -> dict[str, tuple]:
     """(first object, second object, axis) of a two-object scene in a relation, the first being the
     left / upper one as (colour, shape), under each edit of its prompt: as it is, the relation
     flipped (the objects' places swapped), and the colours swapped between the two shapes."""
     from blip3o_mini.data.world import relation
 
     a, b = scene.objects
-    if relation(a, b) in ("right of", "below"):
+    if relation(a, b, rule) in ("right of", "below"):
         a, b = b, a  # a is left of / above b
-    axis = "horizontal" if relation(a, b) == "left of" else "vertical"
+    axis = "horizontal" if relation(a, b, rule) == "left of" else "vertical"
     ka, kb = (a.color, a.shape), (b.color, b.shape)
     return {"true": (ka, kb, axis), "relation flipped": (kb, ka, axis),
             "colours swapped": ((b.color, a.shape), (a.color, b.shape), axis)}
@@ -211,6 +214,7 @@ def main() -> None:
 
     run = args.run_dir.expanduser()
     cfg = run_config(run)
+    rule = cfg.get("data", {}).get("relation_rule", DEFAULT_RELATION_RULE)  # the rule its captions were written with
     backbone = load_stage_backbone(run / "understanding").freeze()
     feats = load_split_features(run / "clip", "val")  # (V, 64, F)
     gen = stage_generator(run, cfg, feats.shape[-1], backbone.hidden_size, args.ckpt)
@@ -227,11 +231,12 @@ def main() -> None:
     for i, scene in enumerate(val_scenes):
         if scene.unseen:
             continue
-        for prompts in relation_prompts(scene):
+        for prompts in relation_prompts(scene, rule):
             rows.append((i, *prompts))
-            axis.append(pair_keys(scene)["true"][2])
+            axis.append(pair_keys(scene, rule)["true"][2])
     n = len(rows)
-    print(f"{n} prompts from {n // 2} two-object validation scenes in a relation (seen compositions), "
+    print(f"{n} prompts from {n // 2} two-object validation scenes in a relation (seen compositions; "
+          f"relation_rule {rule}), "
           f"{args.draws} (noise, t) draws each")
 
     with stage_attention_kernel(cfg), torch.no_grad():
@@ -267,12 +272,12 @@ def main() -> None:
     with stage_attention_kernel(cfg), torch.no_grad():
         at0, _, _ = edit_losses(gen, q, rows, feats, 4, torch.Generator().manual_seed(args.seed), t_fixed=0.0)
         train_scenes = [scene_of({"objects": r}) for r in data["train"]["objects"]]
-        keep = [i for i, sc in enumerate(train_scenes) if relation_prompts(sc)]
-        train_keys = [pair_keys(train_scenes[i]) for i in keep]
+        keep = [i for i, sc in enumerate(train_scenes) if relation_prompts(sc, rule)]
+        train_keys = [pair_keys(train_scenes[i], rule) for i in keep]
         train_x1 = gen.normalize(load_split_features(run / "clip", "train")[keep].float())  # (M, 64, L)
         scenes = sorted({r[0] for r in rows})
         ideal = linear_predictor_losses(train_x1, train_keys, gen.normalize(feats[scenes].float()),
-                                      [pair_keys(val_scenes[i]) for i in scenes])
+                                      [pair_keys(val_scenes[i], rule) for i in scenes])
     dit = {e: at0[e].mean().item() for e in EDITS}
     print(f"\nat t = 0: the DiT (4 noise draws a prompt) against the mean of the training images that share "
           f"the prompt, modelled linearly ({len(keep)} two-object training images in a relation)")

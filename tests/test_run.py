@@ -651,7 +651,8 @@ def test_stage_summaries_say_when_the_time_is_a_resumed_runs_part():
 
 def test_relation_loss_gap_prompts():
     """scripts/relation_loss_gap.py's edits of a two-object scene: both word orders, the relation
-    flipped, the colours swapped between the shapes; nothing for scenes it cannot edit."""
+    flipped, the colours swapped between the shapes, by the run's relation rule; nothing for scenes
+    it cannot edit."""
     import runpy
     from pathlib import Path
 
@@ -667,6 +668,10 @@ def test_relation_loss_gap_prompts():
     assert prompts(Scene((circle,))) == []
     assert prompts(Scene((circle, Obj("square", "blue", (6, 40, 18, 52))))) [0][0] == \
         "a photo of a red circle above a blue square"
+    steep = Scene((circle, Obj("square", "blue", (14, 48, 26, 60))))  # 10 px across, 28 px down
+    assert prompts(steep)[0][0] == "a photo of a red circle left of a blue square"  # the toy's rule
+    assert prompts(steep, "dominant_axis")[0][:2] == ("a photo of a red circle above a blue square",
+                                                      "a photo of a red circle below a blue square")
 
 
 def zero_head_checkpoint(gen, path, step: int) -> dict:

@@ -69,3 +69,11 @@ def with_run_seed(train_cfg, cfg: dict, train_section: dict | None):
     if "seed" not in (train_section or {}):
         train_cfg.seed = cfg.get("seed", 0)
     return train_cfg
+
+
+def relation_rule(cfg: dict) -> str:
+    """The rule a run's ShapesWorld text states relations by (`data.relation_rule`, the toy's when
+    unset): whatever reads or re-asks its captions and questions must state them the same way."""
+    from .data.world import DEFAULT_RELATION_RULE
+
+    return cfg.get("data", {}).get("relation_rule", DEFAULT_RELATION_RULE)

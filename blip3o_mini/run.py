@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .artifacts import fingerprint, mark_complete, stage_complete
+from .config import relation_rule
 from .report import build_report, write_report
 
 DATA_VERSION = 2  # bump when the ShapesWorld generator changes its output
@@ -32,7 +33,6 @@ class StageResult:
 
 def data_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
     from .data import generate, summarize
-    from .data.world import DEFAULT_RELATION_RULE
     import datasets
 
     section = cfg.get("data", {})
@@ -43,7 +43,7 @@ def data_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult:
         ds = datasets.load_from_disk(str(out / "shapesworld"))
     else:
         ds = generate(out / "shapesworld", section.get("num_train", 10000), section.get("num_val", 1000),
-                      cfg.get("seed", 0), section.get("relation_rule", DEFAULT_RELATION_RULE))
+                      cfg.get("seed", 0), relation_rule(cfg))
     summary = summarize(ds)
     print(summary)
     metrics = {"num_samples": summary.num_samples, "unseen_fraction": summary.unseen_fraction}

@@ -26,8 +26,7 @@ import torch
 
 from .artifacts import atomic_write_json, fingerprint, mark_complete, stage_complete
 from .backbone import BackboneConfig, ToyBackbone
-from .config import build, with_run_seed
-from .data.world import DEFAULT_RELATION_RULE
+from .config import build, relation_rule, with_run_seed
 from .report import resumed_note
 from .run import StageResult, finish_on_rank_zero, remove_stale_checkpoints
 from .training.compile import without_speed_keys
@@ -85,7 +84,7 @@ def understanding_stage(cfg: dict, run_dir: Path, upstream: dict) -> StageResult
         backbone = QwenVLBackbone.from_pretrained(ucfg.pretrained)
     else:
         train_rows = ds["train"].select_columns(TRAIN_COLUMNS).to_list()
-        rule = cfg.get("data", {}).get("relation_rule", DEFAULT_RELATION_RULE)  # the rows' text was written by it
+        rule = relation_rule(cfg)  # the rows' text was written by it
         tokenizer = build_tokenizer(shapesworld_texts(train_rows, train_cfg.position_turns, train_cfg.direction_turns,
                                                       rule), vocab_size=ucfg.vocab_size)
         features = load_split_features(clip.path, "train")  # (N, 64, D), frozen CLIP, cached

@@ -210,14 +210,14 @@ def relation_negatives(gen, run: Path) -> dict:
 
     from blip3o_mini.data import relation, render, scene_of, swap_places
     from blip3o_mini.data.tensors import images_uint8
+    from blip3o_mini.config import relation_rule
     from blip3o_mini.data.text import INVERSE
-    from blip3o_mini.data.world import DEFAULT_RELATION_RULE
     from blip3o_mini.features import extract_features, load_encoder
     from blip3o_mini.run import run_config
 
     train = datasets.load_from_disk(str(run / "data" / "shapesworld"))["train"]
     scenes = [scene_of({"objects": r}) for r in train["objects"]]  # the graphs alone: no image decoding
-    rule = run_config(run).get("data", {}).get("relation_rule", DEFAULT_RELATION_RULE)  # as its captions state it
+    rule = relation_rule(run_config(run))  # as its captions state it
     index, images = torch.full((len(scenes),), -1), []
     for r, scene in enumerate(scenes):
         if len(scene.objects) == 2 and (rel := relation(*scene.objects, rule)) is not None:

@@ -44,9 +44,9 @@ def main() -> None:
 
     import datasets
 
+    from blip3o_mini.config import relation_rule
     from blip3o_mini.data.dataset import scene_of
     from blip3o_mini.data.text import direction_turns, position_turns
-    from blip3o_mini.data.world import DEFAULT_RELATION_RULE
     from blip3o_mini.evaluation.vqa import answer_pairs
     from blip3o_mini.features import load_split_features
     from blip3o_mini.run import run_config
@@ -55,7 +55,7 @@ def main() -> None:
     for run in (d.expanduser() for d in args.run_dirs):
         backbone = load_understanding(run)
         # the relation rule the run's text was written with (data.relation_rule), so the turns match it
-        rule = run_config(run).get("data", {}).get("relation_rule", DEFAULT_RELATION_RULE)
+        rule = relation_rule(run_config(run))
         columns = ["questions", "answers", "question_types", "objects", "unseen"]
         rows = datasets.load_from_disk(str(run / "data" / "shapesworld"))["val"].select_columns(columns)
         rows = rows.select(range(min(args.scenes, len(rows)))).to_list()

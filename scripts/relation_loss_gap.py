@@ -207,6 +207,7 @@ def main() -> None:
     import datasets
     import torch
 
+    from blip3o_mini.config import relation_rule
     from blip3o_mini.data.dataset import scene_of
     from blip3o_mini.features import load_split_features
     from blip3o_mini.run import run_config, stage_attention_kernel
@@ -214,7 +215,7 @@ def main() -> None:
 
     run = args.run_dir.expanduser()
     cfg = run_config(run)
-    rule = cfg.get("data", {}).get("relation_rule", DEFAULT_RELATION_RULE)  # the rule its captions were written with
+    rule = relation_rule(cfg)  # the rule its captions were written with
     backbone = load_stage_backbone(run / "understanding").freeze()
     feats = load_split_features(run / "clip", "val")  # (V, 64, F)
     gen = stage_generator(run, cfg, feats.shape[-1], backbone.hidden_size, args.ckpt)

@@ -161,6 +161,16 @@ def test_relation_rule_changes_the_text_not_the_scene():
     assert changed > 5  # the steep diagonal pairs
 
 
+def test_a_configs_relation_rule_is_its_data_sections():
+    """`config.relation_rule`, the one reading of `data.relation_rule` every stage and script uses."""
+    from blip3o_mini.config import load_config, relation_rule
+    from blip3o_mini.data.world import DEFAULT_RELATION_RULE
+
+    assert relation_rule(load_config("toy")) == DEFAULT_RELATION_RULE == "horizontal_first"
+    assert relation_rule(load_config("toy-relation-axis")) == "dominant_axis"
+    assert relation_rule({"seed": 0}) == DEFAULT_RELATION_RULE  # a config without a data section
+
+
 def test_generate_rejects_an_unknown_relation_rule(tmp_path):
     with pytest.raises(ValueError, match="data.relation_rule 'diagonal' is not one of"):
         generate(tmp_path / "sw", 2, 1, relation_rule="diagonal")

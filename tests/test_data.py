@@ -252,3 +252,5 @@ def test_relation_rule_script(monkeypatch, capsys):
     said, held = table["left of"]
     assert f"{'left of':<9} {said:>8} {held:>8} ({held / said:.3f})" in horizontal
     assert position_ceiling(stated, ["left of", "above"]) == pytest.approx((held / said + 1) / 2)
+    with pytest.raises(ValueError, match=r"no caption says \['below'\]: read more scenes"):
+        position_ceiling([("above", {"above"})], ["above", "below"])

@@ -8,7 +8,7 @@ reference.py  ground-truth renders of a prompt (the "perfect generator")
 score.py      GenEval's per-image rule, per-tag and overall accuracy, seen / unseen
 calibrate.py  reference ~1.0, shuffled ~chance, blurred / noisy still high
 misses.py     why an image missed (the first broken constraint), what was drawn for a colour
-caption_agreement.py  how often the training captions' relation is one GenEval's rule holds
+caption_agreement.py  how often a training caption's relation is one GenEval's rule holds
 """
 
 from .caption_agreement import agreement, caption_relations, position_ceiling

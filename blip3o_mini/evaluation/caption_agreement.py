@@ -44,4 +44,6 @@ def position_ceiling(stated: list[tuple[str, set[str]]], prompt_words: list[str]
     """Mean over position prompts of P(GenEval holds the word | a caption says it): the most a
     generator drawing exactly the training layout of each caption can score on position."""
     table = agreement(stated)
+    if missing := sorted(set(prompt_words) - set(table)):
+        raise ValueError(f"no caption says {missing}: read more scenes (scripts/relation_rule.py --num-train)")
     return sum(table[w][1] / table[w][0] for w in prompt_words) / len(prompt_words)

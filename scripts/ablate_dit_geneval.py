@@ -80,6 +80,7 @@ def main() -> None:
                    help="save/load the cached Q here (.safetensors, bf16; recomputed when the run's queries or backbone differ)")
     args = p.parse_args()
 
+    from blip3o_mini.config import relation_rule
     from blip3o_mini.pipeline import Blip3oMiniPipeline, SamplingConfig
     from blip3o_mini.run import run_config, stage_attention_kernel
 
@@ -107,7 +108,7 @@ def main() -> None:
                                  "use a share that draws only from a pool that has some")
             print(f"batches of {pools[2]} of the {len(pools[0])} captions that state a relation and "
                   f"{args.batch_size - pools[2]} of the other {len(pools[1])}", flush=True)
-        negatives = relation_negatives(pipe.generator, run) if args.contrastive > 0 else None
+        negatives = relation_negatives(pipe.generator, run, relation_rule(cfg)) if args.contrastive > 0 else None
         results = train_and_score(pipe, q, x, rows, args, cfg, directions, negatives, pools)
     if args.save:
         from blip3o_mini.artifacts import save_tensors
@@ -200,24 +201,22 @@ def cached_pairs(pipe, run: Path, q_cache: Path | None):
     return q, x, rows
 
 
-def relation_negatives(gen, run: Path) -> dict:
+def relation_negatives(gen, run: Path, rule: str) -> dict:
     """Contrastive flow matching's hard negatives: for every training image of two objects in a
     relation, the CLIP features (standardised as the generator trains on them) of the same scene
     with the objects' places swapped (`data.swap_places`), by the run's encoder. Returns the
     features (M, 64, F), each image row's negative (N,) (-1: none) and, for every (caption
-    paraphrase, image) pair in `cached_pairs`' order, whether the caption states the relation (P,)."""
+    paraphrase, image) pair in `cached_pairs`' order, whether the caption states the relation (P,).
+    `rule`: the run's `data.relation_rule`, by which its captions state the relation."""
     import datasets
 
     from blip3o_mini.data import relation, render, scene_of, swap_places
     from blip3o_mini.data.tensors import images_uint8
-    from blip3o_mini.config import relation_rule
     from blip3o_mini.data.text import INVERSE
     from blip3o_mini.features import extract_features, load_encoder
-    from blip3o_mini.run import run_config
 
     train = datasets.load_from_disk(str(run / "data" / "shapesworld"))["train"]
     scenes = [scene_of({"objects": r}) for r in train["objects"]]  # the graphs alone: no image decoding
-    rule = relation_rule(run_config(run))  # as its captions state it
     index, images = torch.full((len(scenes),), -1), []
     for r, scene in enumerate(scenes):
         if len(scene.objects) == 2 and (rel := relation(*scene.objects, rule)) is not None:

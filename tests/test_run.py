@@ -90,7 +90,7 @@ def test_run_dir_records_its_config(tiny_run, tmp_path):
     assert run_config(tmp_path) == load_config("toy")  # no recorded config: the default
 
 
-def test_generate_command_writes_a_png(tiny_run, tmp_path):
+def test_generate_command_writes_a_png(tiny_run, tmp_path, monkeypatch):
     _, out = tiny_run
     png = tmp_path / "x.png"
     assert main(["generate", "a photo of a red circle", "-o", str(png), "--run-dir", str(out), "--steps", "2"]) == 0
@@ -98,6 +98,11 @@ def test_generate_command_writes_a_png(tiny_run, tmp_path):
 
     assert Image.open(png).size == (64, 64)
     assert main(["generate", "  ", "-o", str(png), "--run-dir", str(out)]) == 2  # one-line error
+    # Without --run-dir it reads $BLIP3O_MINI_RUN_DIR, as `blip3o-mini answer` and the notebooks do.
+    monkeypatch.setenv("BLIP3O_MINI_RUN_DIR", str(out))
+    png.unlink()
+    assert main(["generate", "a photo of a red circle", "-o", str(png), "--steps", "2"]) == 0
+    assert png.exists()
 
 
 def test_dit_lr_ablation_script_trains_fresh_dits_on_the_runs_q(tiny_run, monkeypatch, capsys):

@@ -12,8 +12,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a finished run: its evaluation/pipeline, else its stage artifacts "
                         "(default: $BLIP3O_MINI_RUN_DIR, else runs/toy), as `blip3o-mini answer`")
     p.add_argument("--pipeline", default=None, help="a directory written by save_pretrained")
-    p.add_argument("--steps", type=int, default=None, help="DiT Euler steps (default: the run's generation.flow.num_steps; toy 30)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="DiT CFG scale (default: the run's generation.flow.guidance_scale; toy 5.0)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="DiT Euler steps (default: the run's generation.flow.num_steps; toy 30)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="DiT CFG scale (default: the run's generation.flow.guidance_scale; toy 5.0)")
     p.add_argument("--seed", type=int, default=0)
 
 
